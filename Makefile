@@ -1,0 +1,29 @@
+# Two entry points: `make demo` (install + quickstart) and `make test` (install + ruff + pytest).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: install demo test lint bench clean
+
+$(BIN)/mmalign: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	# torch first, pinned, so nothing later pulls a CUDA build of several GB.
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $(BIN)/mmalign
+
+install: $(BIN)/mmalign
+
+demo: install
+	$(BIN)/mmalign quickstart
+
+test: install
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/python -m pytest
+
+bench: install
+	$(BIN)/python benchmarks/bench_train_step.py
+
+clean:
+	rm -rf runs data .pytest_cache

@@ -1,0 +1,243 @@
+"""The `mmalign` command line. Each command is a thin, typed wrapper over a library function."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from mmalign.config import describe
+
+app = typer.Typer(
+    help="mmalign: build, align, fine-tune, evaluate and serve multimodal LLMs.",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    pretty_exceptions_enable=False,
+)
+console = Console()
+
+
+def _quiet_transformers() -> None:
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
+def _config_table() -> str:
+    rows = [f"[bold]{key}[/bold] = {default}  {help}" for key, default, help in describe()]
+    return "Config keys (override any with key=value):\n\n" + "\n\n".join(rows)
+
+
+@app.command()
+def quickstart(
+    out: Path = typer.Option(Path("runs/quickstart"), help="Folder for the models, checkpoints and results."),
+    data: Path = typer.Option(Path("data/shapes"), help="Embedded dataset folder; written if missing."),
+    finetune: str = typer.Option("full", help="Stage-2 LLM fine-tuning: full or lora."),
+    seed: int = typer.Option(0, help="Seed for data, initialisation and order."),
+    progress: bool = typer.Option(True, help="Show progress bars."),
+) -> None:
+    """Train a small LLaVA-style model on the embedded shapes data and show what it learned.
+
+    Stage 0 pretrains a tiny vision tower and a tiny LM, stage 1 aligns the connector on captions, stage 2
+    instruction-tunes on conversations; then held-out accuracy per question type, a blind baseline (images
+    replaced by zeros), the time taken, the checkpoint, and one answered question.
+    """
+    _quiet_transformers()
+    from mmalign.quickstart import run_quickstart
+
+    run_quickstart(out, data, finetune=finetune, seed=seed, progress=progress, console=console)
+
+
+@app.command("data")
+def data_cmd(
+    out: Path = typer.Option(Path("data/shapes"), help="Folder to write images/, JSON files and tokenizer/ into."),
+    n_train: int = typer.Option(3000, help="Training images (one caption and one 3-turn conversation each)."),
+    n_val: int = typer.Option(100, help="Validation images (one question per type each)."),
+    n_test: int = typer.Option(200, help="Test images (one question per type each)."),
+    image_size: int = typer.Option(64, help="Image side in pixels."),
+    seed: int = typer.Option(0, help="Seed; splits use disjoint streams, so test images never appear in training."),
+) -> None:
+    """Write the embedded shapes dataset to disk in LLaVA format, with a word-level tokenizer."""
+    from mmalign.data.shapes import write_shapes_dataset
+
+    paths = write_shapes_dataset(out, n_train, n_val, n_test, image_size, seed)
+    console.print_json(json.dumps(paths))
+
+
+@app.command()
+def pretrain(
+    data: Path = typer.Option(Path("data/shapes"), help="Embedded dataset folder (from `mmalign data`)."),
+    out: Path = typer.Option(Path("runs/quickstart/base"), help="Writes encoder/ and lm/ here."),
+    vision_steps: int = typer.Option(300, help="Optimizer steps for the vision tower."),
+    lm_steps: int = typer.Option(200, help="Optimizer steps for the LM."),
+    seed: int = typer.Option(0, help="Seed."),
+) -> None:
+    """Stage 0 for the embedded default: pretrain the tiny vision tower and tiny LM (saved as HF folders)."""
+    _quiet_transformers()
+    from mmalign.train.pretrain import pretrain_lm, pretrain_vision
+
+    console.print(pretrain_vision(data, out / "encoder", steps=vision_steps, seed=seed, console=console))
+    texts = [data / "captions_train.json", data / "conversations_train.json"]
+    console.print(pretrain_lm(texts, data / "tokenizer", out / "lm", steps=lm_steps, seed=seed, console=console))
+
+
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    epilog=_config_table(),
+)
+def train(
+    ctx: typer.Context,
+    recipe: str = typer.Argument(..., help="Recipe YAML path or shipped name (shapes_stage1, shapes_stage2, ...)."),
+    resume: bool = typer.Option(False, help="Continue the stopped run in train.out_dir from its last checkpoint."),
+    print_config: bool = typer.Option(False, help="Print the resolved config and exit."),
+) -> None:
+    """Train a recipe. Extra arguments `key=value` override any config key, e.g. `train.lr=2e-5 train.finetune=lora`."""
+    _quiet_transformers()
+    from mmalign.config import save_yaml, to_dict
+    from mmalign.quickstart import load_recipe
+    from mmalign.train.loop import train as run
+
+    cfg = load_recipe(recipe, ctx.args)
+    if print_config:
+        import yaml
+
+        console.print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        return
+    save_yaml(cfg, Path(cfg.train.out_dir) / "train_config.yaml")
+    summary = run(cfg, resume=resume, console=console)
+    console.print_json(json.dumps(summary))
+
+
+@app.command("eval")
+def eval_cmd(
+    checkpoint: Path = typer.Argument(..., help="Checkpoint folder (from `mmalign train` or `mmalign import`)."),
+    data: Path = typer.Option(None, help="LLaVA-format QA file; default: the checkpoint's data.val."),
+    image_folder: Path = typer.Option(None, help="Image folder; default: the checkpoint's data.image_folder."),
+    blind: bool = typer.Option(False, help="Replace every image with zeros (a no-vision baseline)."),
+    batch_size: int = typer.Option(64, help="Questions per generation batch."),
+    max_new_tokens: int = typer.Option(16, help="Longest answer."),
+    limit: int = typer.Option(None, help="Only the first N questions."),
+    output: Path = typer.Option(None, help="Write scores and every prediction to this JSON file."),
+) -> None:
+    """VQA accuracy (standard answer normalisation) with a per-question-type table."""
+    _quiet_transformers()
+    from rich.table import Table
+
+    from mmalign.evaluate import evaluate_vqa, majority_baseline
+
+    model, tokenizer, recipe = _load_for_inference(checkpoint)
+    data = data or (Path(recipe.data.val) if recipe.data.val else None)
+    if data is None:
+        raise typer.BadParameter("no --data given and the checkpoint names no data.val")
+    folder = image_folder or Path(recipe.data.image_folder)
+    processor = _processor(tokenizer, model, recipe)
+    res = evaluate_vqa(
+        model, processor, data, folder, batch_size=batch_size, max_new_tokens=max_new_tokens, blind=blind, limit=limit
+    )
+    majority = majority_baseline(data)
+    table = Table(title=f"VQA accuracy on {data}" + (" (blind)" if blind else ""))
+    for col in ("question type", "n", "accuracy", "majority answer"):
+        table.add_column(col)
+    for qtype, (acc, n) in res["by_type"].items():
+        table.add_row(qtype, str(n), f"{acc:.1%}", f"{majority.get(qtype, float('nan')):.1%}")
+    table.add_row("all", str(res["n"]), f"{res['accuracy']:.1%}", "")
+    console.print(table)
+    if res["skipped"]:
+        console.print(f"[yellow]{len(res['skipped'])} samples skipped[/], e.g. {res['skipped'][0]}")
+    if output:
+        output.write_text(json.dumps(res, indent=1))
+
+
+def _load_for_inference(checkpoint: Path):
+    from mmalign.config import RecipeConfig
+    from mmalign.train.checkpoint import TRAIN_CONFIG, load_checkpoint
+    from mmalign.train.checkpoint import load_recipe as load_train_config
+
+    model, tokenizer, model_cfg = load_checkpoint(checkpoint)
+    recipe = load_train_config(checkpoint) if (checkpoint / TRAIN_CONFIG).is_file() else RecipeConfig(model=model_cfg)
+    return model, tokenizer, recipe
+
+
+def _processor(tokenizer, model, recipe):
+    from mmalign.train.loop import make_processor
+
+    return make_processor(tokenizer, model, recipe)
+
+
+@app.command()
+def generate(
+    checkpoint: Path = typer.Argument(..., help="Checkpoint folder."),
+    image: list[Path] = typer.Option([], help="Image file; repeat for several images."),
+    prompt: str = typer.Option(
+        ...,
+        help="The question. `<image>` marks where each image goes; if absent, the images are placed before the text.",
+    ),
+    max_new_tokens: int = typer.Option(32, help="Longest answer."),
+    temperature: float = typer.Option(0.0, help="0 = greedy; > 0 samples."),
+    top_p: float = typer.Option(1.0, help="Nucleus sampling mass (with temperature > 0)."),
+    seed: int = typer.Option(0, help="Sampling seed."),
+) -> None:
+    """Answer a prompt about one or more images."""
+    _quiet_transformers()
+    from mmalign.data.processor import Conversation
+    from mmalign.generate import generate as run
+
+    model, tokenizer, recipe = _load_for_inference(checkpoint)
+    processor = _processor(tokenizer, model, recipe)
+    if image and recipe.model.image_token not in prompt:
+        prompt = f"{recipe.model.image_token}\n" * len(image) + prompt
+    conv = Conversation(id="cli", images=[str(p) for p in image], messages=[{"role": "user", "content": prompt}])
+    ids = processor.prompt_ids(conv)
+    pixels = processor.pixels(conv)
+    out = run(
+        model,
+        [ids],
+        pixels,
+        pad_id=tokenizer.pad_token_id,
+        stop_ids=[tokenizer.eos_token_id],
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
+    )[0]
+    console.print(tokenizer.decode(out, skip_special_tokens=True).strip())
+
+
+@app.command()
+def export(
+    checkpoint: Path = typer.Argument(..., help="Checkpoint folder."),
+    out: Path = typer.Option(..., help="Folder to write."),
+    format: str = typer.Option("hf-llava", help="hf-llava: transformers' LlavaForConditionalGeneration + processor."),
+) -> None:
+    """Write a checkpoint in another library's format (LoRA adapters are merged)."""
+    _quiet_transformers()
+    from mmalign.interop.hf_llava import export_hf_llava
+
+    if format != "hf-llava":
+        raise typer.BadParameter(f"unknown format {format!r}; supported: hf-llava")
+    model, tokenizer, recipe = _load_for_inference(checkpoint)
+    export_hf_llava(model, tokenizer, recipe.model, out)
+    console.print(f"wrote {out}")
+
+
+@app.command("import")
+def import_cmd(
+    source: Path = typer.Argument(..., help="Folder in the given format (e.g. a saved LlavaForConditionalGeneration)."),
+    out: Path = typer.Option(..., help="mmalign checkpoint folder to write."),
+    format: str = typer.Option("hf-llava", help="hf-llava."),
+) -> None:
+    """Read another library's checkpoint into an mmalign checkpoint."""
+    _quiet_transformers()
+    from mmalign.interop.hf_llava import import_hf_llava
+
+    if format != "hf-llava":
+        raise typer.BadParameter(f"unknown format {format!r}; supported: hf-llava")
+    import_hf_llava(source, out)
+    console.print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    app()

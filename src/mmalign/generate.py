@@ -1,0 +1,81 @@
+"""Batched generation with a KV cache: left padding, greedy or sampling (temperature, top-p), stop tokens."""
+
+from __future__ import annotations
+
+import torch
+
+from mmalign.models.multimodal import MultimodalLM
+
+
+def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) ids and attention mask, padded on the left so every row's last token is at position T - 1."""
+    length = max(len(r) for r in rows)
+    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, length - len(r) :] = torch.tensor(r)
+        mask[i, length - len(r) :] = 1
+    return ids, mask
+
+
+def _pick(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
+    """(B, V) -> (B,) next tokens."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        drop = sorted_p.cumsum(-1) - sorted_p > top_p  # keep the smallest set whose mass reaches top_p
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(
+    model: MultimodalLM,
+    prompts: list[list[int]],
+    pixel_values: torch.Tensor | None,
+    *,
+    pad_id: int,
+    stop_ids: list[int],
+    max_new_tokens: int = 32,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+) -> list[list[int]]:
+    """New token ids per prompt (stop token excluded). `pixel_values` holds every image of every prompt in order."""
+    device = next(model.parameters()).device
+    ids, mask = left_pad(prompts, pad_id)
+    ids, mask = ids.to(device), mask.to(device)
+    if pixel_values is not None:
+        pixel_values = pixel_values.to(device)
+    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    embeds = model.embed(ids, pixel_values)  # (B, T, D)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: real tokens start at position 0
+    out = model.decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True)
+    cache = out.past_key_values
+    logits = model.lm_head(out.last_hidden_state[:, -1])  # (B, V): only the last position is needed
+    stops = torch.tensor(stop_ids, device=device)
+    done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    result: list[list[int]] = [[] for _ in prompts]
+    next_pos = positions[:, -1]
+    for _ in range(max_new_tokens):
+        token = _pick(logits, temperature, top_p, generator)
+        done |= torch.isin(token, stops)
+        for i in (~done).nonzero().flatten().tolist():
+            result[i].append(int(token[i]))
+        if bool(done.all()):
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        next_pos = next_pos + 1
+        out = model.decoder(
+            inputs_embeds=model.llm.get_input_embeddings()(token[:, None]),
+            attention_mask=mask,
+            position_ids=next_pos[:, None],
+            past_key_values=cache,
+            use_cache=True,
+        )
+        cache = out.past_key_values
+        logits = model.lm_head(out.last_hidden_state[:, -1])
+    return result

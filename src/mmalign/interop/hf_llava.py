@@ -1,0 +1,143 @@
+"""Conversion to and from transformers' LlavaForConditionalGeneration.
+
+Weights move module by module (vision tower, projector linears, decoder, LM head) with `load_state_dict`, so
+a naming change inside transformers cannot silently drop a tensor: a mismatch raises.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+from torch import nn
+
+from mmalign.config import ConnectorConfig, EncoderConfig, LLMConfig, ModelConfig
+from mmalign.models.builder import build_model
+from mmalign.models.connectors import MLPProjector
+from mmalign.models.multimodal import MultimodalLM
+from mmalign.train.checkpoint import save_checkpoint
+
+
+def _strategy(model: MultimodalLM) -> str:
+    # Llava's "default" drops the first token; a SigLIP tower has no CLS to drop, so it must be "full".
+    enc = model.encoder
+    return "default" if enc.has_cls and not enc.keep_cls else "full"
+
+
+def _plain_llm(model: MultimodalLM) -> nn.Module:
+    """The LLM with any LoRA adapters merged in (on a copy; the live model is untouched)."""
+    llm = model.llm
+    if hasattr(llm, "merge_and_unload"):
+        llm = copy.deepcopy(llm).merge_and_unload()
+    return llm
+
+
+def export_hf_llava(model: MultimodalLM, tokenizer, model_cfg: ModelConfig, out: str | Path):
+    """Write `out` so that LlavaForConditionalGeneration.from_pretrained and AutoProcessor load it."""
+    from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+
+    connector = model.connector
+    if not isinstance(connector, MLPProjector) or connector.depth != 2:
+        raise ValueError(
+            f"hf-llava export needs the mlp2x_gelu connector (Llava's projector is Linear-GELU-Linear); "
+            f"this model has {model_cfg.connector.name}"
+        )
+    enc = model.encoder
+    llm = _plain_llm(model)
+    config = LlavaConfig(
+        vision_config=enc.tower.config.to_dict(),
+        text_config=llm.config.to_dict(),
+        image_token_index=model.image_token_id,
+        vision_feature_layer=enc.feature_layer,
+        vision_feature_select_strategy=_strategy(model),
+        projector_hidden_act="gelu",
+        multimodal_projector_bias=connector.linears[0].bias is not None,
+        image_seq_length=enc.num_tokens,
+        tie_word_embeddings=bool(getattr(llm.config, "tie_word_embeddings", False)),
+    )
+    hf = LlavaForConditionalGeneration(config).eval()
+    hf.model.vision_tower.load_state_dict(enc.tower.state_dict())
+    hf.model.multi_modal_projector.linear_1.load_state_dict(connector.linears[0].state_dict())
+    hf.model.multi_modal_projector.linear_2.load_state_dict(connector.linears[1].state_dict())
+    hf.model.language_model.load_state_dict(llm.get_decoder().state_dict())
+    hf.lm_head.load_state_dict(llm.get_output_embeddings().state_dict())
+    out = Path(out)
+    hf.save_pretrained(out)
+    size = enc.image_size
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": size},
+        crop_size={"height": size, "width": size},
+        image_mean=list(enc.mean),
+        image_std=list(enc.std),
+        resample=3,  # bicubic, as mmalign preprocesses
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=enc.patch_size,
+        vision_feature_select_strategy=_strategy(model),
+        image_token=model_cfg.image_token,
+        num_additional_image_tokens=int(enc.has_cls),
+        chat_template=tokenizer.chat_template,
+    )
+    processor.save_pretrained(out)
+    return out
+
+
+def _read_norm(src: Path) -> dict:
+    f = src / "preprocessor_config.json"
+    if not f.is_file():
+        return {}
+    data = json.loads(f.read_text())
+    return {k: data[k] for k in ("image_mean", "image_std") if k in data}
+
+
+def import_hf_llava(src: str | Path, out: str | Path) -> Path:
+    """Read a LlavaForConditionalGeneration folder into an mmalign checkpoint folder (self-contained)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlavaForConditionalGeneration
+
+    src, out = Path(src), Path(out)
+    hf = LlavaForConditionalGeneration.from_pretrained(src).eval()
+    cfg = hf.config
+    vision_type = cfg.vision_config.model_type
+    if vision_type.startswith("clip"):
+        family = "clip"
+    elif vision_type.startswith("siglip"):
+        family = "siglip"
+    else:
+        raise ValueError(f"unsupported Llava vision tower {vision_type!r}; supported: CLIP, SigLIP")
+    if not isinstance(cfg.vision_feature_layer, int):
+        raise ValueError(f"vision_feature_layer={cfg.vision_feature_layer}: only a single layer is supported")
+    if cfg.projector_hidden_act != "gelu":
+        raise ValueError(f"projector_hidden_act={cfg.projector_hidden_act!r}: only gelu maps to mlp2x_gelu")
+
+    tower_dir, llm_dir = out / "encoder", out / "llm"
+    tower = hf.model.vision_tower
+    norm = _read_norm(src)
+    tower.save_pretrained(tower_dir)
+    (tower_dir / "mmalign_image.json").write_text(json.dumps(norm))
+    tokenizer = AutoTokenizer.from_pretrained(src)
+    text = AutoModelForCausalLM.from_config(cfg.text_config)
+    text.get_decoder().load_state_dict(hf.model.language_model.state_dict())
+    text.get_output_embeddings().load_state_dict(hf.lm_head.state_dict())
+    text.save_pretrained(llm_dir)
+    tokenizer.save_pretrained(llm_dir)
+
+    keep_cls = family == "clip" and cfg.vision_feature_select_strategy == "full"
+    model_cfg = ModelConfig(
+        encoder=EncoderConfig(
+            name=family, path=str(tower_dir), feature_layer=cfg.vision_feature_layer, keep_cls=keep_cls
+        ),
+        connector=ConnectorConfig(name="mlp2x_gelu", bias=cfg.multimodal_projector_bias),
+        llm=LLMConfig(path=str(llm_dir)),
+        image_token=tokenizer.convert_ids_to_tokens(cfg.image_token_id),
+    )
+    model, tokenizer = build_model(model_cfg)
+    if model.image_token_id != cfg.image_token_id:
+        raise ValueError(f"image token id {model.image_token_id} != Llava's {cfg.image_token_id}")
+    proj = hf.model.multi_modal_projector
+    model.connector.linears[0].load_state_dict(proj.linear_1.state_dict())
+    model.connector.linears[1].load_state_dict(proj.linear_2.state_dict())
+    save_checkpoint(out, model, tokenizer, model_cfg)
+    return out

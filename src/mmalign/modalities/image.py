@@ -1,0 +1,44 @@
+"""The image modality: load and validate a raw input, preprocess it into a normalised tensor."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+
+class MediaError(ValueError):
+    """A media input that cannot be used (missing, unreadable, wrong kind)."""
+
+
+def load_image(source: str | Path | bytes | np.ndarray | Image.Image) -> Image.Image:
+    """An RGB PIL image from a path, encoded bytes, an (H, W, 3) uint8 array or a PIL image."""
+    if isinstance(source, Image.Image):
+        return source.convert("RGB")
+    if isinstance(source, np.ndarray):
+        if source.ndim != 3 or source.shape[-1] != 3:
+            raise MediaError(f"image array must be (H, W, 3), got {source.shape}")
+        return Image.fromarray(source.astype(np.uint8), "RGB")
+    try:
+        if isinstance(source, bytes):
+            img = Image.open(io.BytesIO(source))
+        else:
+            path = Path(source)
+            if not path.is_file():
+                raise MediaError(f"image file not found: {path}")
+            img = Image.open(path)
+        img.load()
+    except (UnidentifiedImageError, OSError) as err:
+        raise MediaError(f"unreadable image {source if not isinstance(source, bytes) else '<bytes>'}: {err}") from err
+    return img.convert("RGB")
+
+
+def preprocess_image(img: Image.Image, size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """Resize to (size, size) with bicubic filtering, scale to [0, 1], normalise: -> (3, size, size) float32."""
+    if img.size != (size, size):
+        img = img.resize((size, size), Image.BICUBIC)
+    x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)  # (3, H, W)
+    return (x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)

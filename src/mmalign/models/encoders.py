@@ -1,0 +1,126 @@
+"""Vision encoders: any Hugging Face CLIP or SigLIP vision tower, read out at a chosen hidden layer.
+
+The tower runs only up to the selected layer (LLaVA-1.5 reads layer -2, so the last block is never computed),
+and a frozen tower runs under `torch.no_grad` so no activations are kept for it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mmalign.registry import register_encoder
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+# Built-in sizes for the embedded default; still real Hugging Face towers, so export and parity work unchanged.
+PRESETS = {
+    "tiny-vit": dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, image_size=64, patch_size=8
+    ),
+}
+
+
+class VisionEncoder(nn.Module):
+    """Wraps a HF vision tower; `forward(pixel_values (B, 3, H, W)) -> features (B, num_tokens, hidden_size)`."""
+
+    def __init__(
+        self,
+        tower: nn.Module,
+        *,
+        family: str,
+        feature_layer: int = -2,
+        keep_cls: bool = False,
+        mean: tuple[float, ...] = CLIP_MEAN,
+        std: tuple[float, ...] = CLIP_STD,
+    ):
+        super().__init__()
+        self.tower = tower
+        self.family = family
+        cfg = tower.config
+        n_layers = cfg.num_hidden_layers
+        # hidden_states[0] is the embedding output, hidden_states[i] the output of block i.
+        index = feature_layer if feature_layer >= 0 else n_layers + 1 + feature_layer
+        if not 0 <= index <= n_layers:
+            raise ValueError(f"feature_layer {feature_layer} is out of range for a {n_layers}-layer encoder")
+        self.feature_layer = feature_layer
+        self.num_blocks = index
+        self.has_cls = family == "clip"
+        if keep_cls and not self.has_cls:
+            raise ValueError(f"keep_cls=True but a {family} tower has no CLS token")
+        self.keep_cls = keep_cls
+        self.image_size = cfg.image_size
+        self.patch_size = cfg.patch_size
+        self.hidden_size = cfg.hidden_size
+        self.mean, self.std = tuple(mean), tuple(std)
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens per image: the single number that both the processor and the model use."""
+        patches = (self.image_size // self.patch_size) ** 2
+        return patches + int(self.has_cls and self.keep_cls)
+
+    def _body(self) -> nn.Module:
+        return getattr(self.tower, "vision_model", self.tower)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        body = self._body()
+        x = body.embeddings(pixel_values)  # (B, 1 + patches, D) for CLIP, (B, patches, D) for SigLIP
+        if hasattr(body, "pre_layrnorm"):
+            x = body.pre_layrnorm(x)
+        for block in body.encoder.layers[: self.num_blocks]:
+            x = block(x, None)
+        if self.has_cls and not self.keep_cls:
+            x = x[:, 1:]
+        return x
+
+
+def _read_norm(path: Path, default_mean, default_std) -> tuple[tuple, tuple]:
+    for name in ("preprocessor_config.json", "mmalign_image.json"):
+        f = path / name
+        if f.exists():
+            data = json.loads(f.read_text())
+            return tuple(data.get("image_mean", default_mean)), tuple(data.get("image_std", default_std))
+    return default_mean, default_std
+
+
+def _build(family: str, path: str | None, preset: str | None, config: dict, feature_layer: int, keep_cls: bool):
+    from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
+
+    model_cls, cfg_cls = (
+        (CLIPVisionModel, CLIPVisionConfig) if family == "clip" else (SiglipVisionModel, SiglipVisionConfig)
+    )
+    default_mean, default_std = (CLIP_MEAN, CLIP_STD) if family == "clip" else ((0.5,) * 3, (0.5,) * 3)
+    if path:
+        if not Path(path).exists():
+            raise FileNotFoundError(f"encoder path {path} does not exist")
+        tower = model_cls.from_pretrained(path)
+        mean, std = _read_norm(Path(path), default_mean, default_std)
+    else:
+        if preset and preset not in PRESETS:
+            raise KeyError(f"unknown encoder preset {preset!r}; known: {sorted(PRESETS)}")
+        kwargs = {**PRESETS.get(preset or "", {}), **config}
+        tower = model_cls(cfg_cls(**kwargs))
+        mean, std = default_mean, default_std
+    return VisionEncoder(tower, family=family, feature_layer=feature_layer, keep_cls=keep_cls, mean=mean, std=std)
+
+
+@register_encoder("clip")
+def clip_encoder(*, path=None, preset=None, config=None, feature_layer=-2, keep_cls=False) -> VisionEncoder:
+    return _build("clip", path, preset, config or {}, feature_layer, keep_cls)
+
+
+@register_encoder("siglip")
+def siglip_encoder(*, path=None, preset=None, config=None, feature_layer=-2, keep_cls=False) -> VisionEncoder:
+    return _build("siglip", path, preset, config or {}, feature_layer, keep_cls)
+
+
+def save_encoder(encoder: VisionEncoder, out: str | Path) -> None:
+    """Write the tower as a HF folder plus its normalisation, so `encoder.path` can load it."""
+    out = Path(out)
+    encoder.tower.save_pretrained(out)
+    (out / "mmalign_image.json").write_text(json.dumps({"image_mean": encoder.mean, "image_std": encoder.std}))

@@ -1,0 +1,42 @@
+"""AdamW over the trainable groups and a warm-up + cosine schedule."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from mmalign.config import TrainConfig
+from mmalign.models.multimodal import MultimodalLM
+
+
+def build_optimizer(model: MultimodalLM, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """Weight decay only on >= 2-D weights (never biases, norms, gates or temperatures); the connector may have its
+    own learning rate (LLaVA's mm_projector_lr)."""
+    groups: dict[tuple[bool, bool], list] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        is_connector = name.startswith("connector.")
+        groups.setdefault((is_connector, p.ndim >= 2), []).append(p)
+    if not groups:
+        raise ValueError(f"no trainable parameters (train.trainable={cfg.trainable})")
+    param_groups = []
+    for (is_connector, decay), params in groups.items():
+        lr = cfg.connector_lr if (is_connector and cfg.connector_lr) else cfg.lr
+        param_groups.append({"params": params, "lr": lr, "weight_decay": cfg.weight_decay if decay else 0.0})
+    fused = torch.cuda.is_available() and all(p.is_cuda for g in param_groups for p in g["params"])
+    return torch.optim.AdamW(param_groups, betas=tuple(cfg.betas), fused=fused or None)
+
+
+def warmup_cosine(total_steps: int, warmup_ratio: float, min_ratio: float = 0.0):
+    """Multiplier on the base lr: linear warm-up then cosine decay to `min_ratio`."""
+    warmup = max(1, int(round(total_steps * warmup_ratio))) if warmup_ratio > 0 else 0
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor

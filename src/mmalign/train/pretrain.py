@@ -1,0 +1,158 @@
+"""Stage 0 for the embedded default: give the tiny vision tower and the tiny LM their own pretraining.
+
+Vision: supervised multi-task attribute prediction (colour, shape, size, count, side) from every token of the
+layer the connector reads, so each token learns what is at its place. LM: next-token prediction on the text of
+the training data (captions and conversations, placeholders removed).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.progress import Progress
+from torch import nn
+
+from mmalign.config import LLMConfig
+from mmalign.data.processor import read_records
+from mmalign.data.shapes import COLORS, COUNTS, POSITIONS, SHAPES, SIZES
+from mmalign.modalities.image import load_image, preprocess_image
+from mmalign.models.encoders import VisionEncoder, clip_encoder, save_encoder
+from mmalign.models.llm import load_llm, load_tokenizer
+from mmalign.train.optim import warmup_cosine
+
+ATTRIBUTES = {
+    "color": list(COLORS),
+    "shape": SHAPES,
+    "size": list(SIZES),
+    "count": list(COUNTS),
+    "position": POSITIONS,
+}
+
+TINY_LLAMA = dict(
+    model_type="llama",
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    max_position_embeddings=512,
+    tie_word_embeddings=False,
+)
+
+
+def _loop(params, steps: int, lr: float, loss_fn, label: str, console: Console, progress: bool) -> list[float]:
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(steps, 0.05))
+    losses = []
+    with Progress(console=console, disable=not progress) as bar:
+        task = bar.add_task(label, total=steps)
+        for step in range(steps):
+            loss = loss_fn(step)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            losses.append(float(loss))
+            bar.update(task, advance=1, description=f"{label} loss {loss.item():.3f}")
+    return losses
+
+
+def pretrain_vision(
+    data_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    steps: int = 300,
+    batch_size: int = 128,
+    lr: float = 2e-3,
+    preset: str = "tiny-vit",
+    seed: int = 0,
+    console: Console | None = None,
+    progress: bool = True,
+) -> dict:
+    """Train a tiny CLIP-architecture tower on the shapes attributes; save it where `encoder.path` can load it."""
+    console = console or Console()
+    torch.manual_seed(seed)
+    data_dir = Path(data_dir)
+    scenes = json.loads((data_dir / "scenes.json").read_text())
+    encoder: VisionEncoder = clip_encoder(preset=preset)
+    names = sorted(n for n in scenes if n.startswith("train_"))
+    size, mean, std = encoder.image_size, encoder.mean, encoder.std
+    pixels = torch.stack([preprocess_image(load_image(data_dir / "images" / n), size, mean, std) for n in names])
+    targets = {a: torch.tensor([vals.index(scenes[n][a]) for n in names]) for a, vals in ATTRIBUTES.items()}
+    # Heads read the mean over tokens, so every token must carry the attributes (side included) in its content.
+    heads = nn.ModuleDict({a: nn.Linear(encoder.hidden_size, len(v)) for a, v in ATTRIBUTES.items()})
+    gen = torch.Generator().manual_seed(seed)
+
+    def loss_fn(step: int) -> torch.Tensor:
+        idx = torch.randint(len(names), (batch_size,), generator=gen)
+        feats = encoder(pixels[idx]).mean(1)  # (B, D)
+        return sum(F.cross_entropy(heads[a](feats), targets[a][idx]) for a in ATTRIBUTES)
+
+    params = list(encoder.parameters()) + list(heads.parameters())
+    losses = _loop(params, steps, lr, loss_fn, "stage 0 vision", console, progress)
+    save_encoder(encoder, out_dir)
+    return {"out_dir": str(out_dir), "first_loss": losses[0], "last_loss": losses[-1]}
+
+
+def lm_corpus(paths: list[str | Path], image_token: str = "<image>") -> list[list[dict]]:
+    """Conversations as message lists, placeholders stripped: the text the LM pretrains on."""
+    convs = []
+    for path in paths:
+        for rec in read_records(path):
+            msgs = [
+                {
+                    "role": "user" if t["from"] == "human" else "assistant",
+                    "content": t["value"].replace(image_token, "").strip(),
+                }
+                for t in rec["conversations"]
+            ]
+            convs.append(msgs)
+    return convs
+
+
+def pretrain_lm(
+    texts_from: list[str | Path],
+    tokenizer_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    steps: int = 200,
+    batch_size: int = 64,
+    lr: float = 3e-3,
+    llm_config: dict | None = None,
+    seed: int = 0,
+    console: Console | None = None,
+    progress: bool = True,
+) -> dict:
+    """Train a tiny Llama on the data's text with the chat template; save model + tokenizer as a HF folder."""
+    console = console or Console()
+    torch.manual_seed(seed)
+    tokenizer = load_tokenizer(LLMConfig(tokenizer=str(tokenizer_dir)), "<image>")
+    model = load_llm(LLMConfig(config=dict(llm_config or TINY_LLAMA)), vocab_size=len(tokenizer))
+    convs = lm_corpus(texts_from)
+    rows = [tokenizer.apply_chat_template(c, tokenize=True, return_dict=True)["input_ids"] for c in convs]
+    length = max(len(r) for r in rows)
+    ids = torch.full((len(rows), length), tokenizer.pad_token_id)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r)
+    labels = ids.masked_fill(ids == tokenizer.pad_token_id, -100)
+    gen = torch.Generator().manual_seed(seed)
+
+    def loss_fn(step: int) -> torch.Tensor:
+        idx = torch.randint(len(rows), (batch_size,), generator=gen)
+        return model(input_ids=ids[idx], attention_mask=(labels[idx] != -100).long(), labels=labels[idx]).loss
+
+    losses = _loop(list(model.parameters()), steps, lr, loss_fn, "stage 0 LM", console, progress)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return {
+        "out_dir": str(out_dir),
+        "first_loss": losses[0],
+        "last_loss": losses[-1],
+        "perplexity": math.exp(losses[-1]),
+    }
