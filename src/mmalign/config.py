@@ -64,6 +64,9 @@ class DataConfig:
     on_error: str = _f("skip", "bad sample: skip (count and go on) | raise (save a checkpoint, then stop)")
     max_skip_fraction: float = _f(0.1, "stop when more than this fraction of samples seen were skipped")
     num_workers: int = _f(0, "DataLoader worker processes")
+    blank_image_prob: float = _f(
+        0.0, "chance a training image is replaced by zeros (modality dropout: blind questions get prior answers)"
+    )
 
 
 @dataclass
@@ -125,7 +128,10 @@ def from_dict(cls: type, data: dict | None, where: str = "") -> Any:
         if f.name not in data:
             continue
         value, hint = data[f.name], hints[f.name]
-        kwargs[f.name] = from_dict(hint, value, f"{where}{f.name}.") if dataclasses.is_dataclass(hint) else value
+        if dataclasses.is_dataclass(hint):
+            kwargs[f.name] = from_dict(hint, value, f"{where}{f.name}.")
+        else:
+            kwargs[f.name] = _convert(value, hint, f"{where}{f.name}")
     return cls(**kwargs)
 
 
@@ -141,22 +147,29 @@ def save_yaml(cfg: Any, path: str | Path) -> None:
         yaml.safe_dump(data, fh, sort_keys=False)
 
 
-def _coerce(text: str, hint: Any, key: str) -> Any:
-    """Turn the text of `key=value` into the field's type; YAML syntax covers lists, dicts and None."""
-    value = yaml.safe_load(text)
+def _convert(value: Any, hint: Any, key: str) -> Any:
+    """Check a parsed value against the field's type hint, converting where the intent is clear."""
     origin = typing.get_origin(hint)
     allowed = typing.get_args(hint) if origin in (typing.Union, types.UnionType) else (hint,)
     if value is None and type(None) in allowed:
         return None
     for t in allowed:
         base = typing.get_origin(t) or t
-        if base is float and isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        if base is str:
-            return text if not isinstance(value, str) else value
-        if isinstance(value, base):
+        if base is float and not isinstance(value, bool):
+            try:  # YAML 1.1 reads "2e-5" as a string; Python reads it as the float it is
+                return float(value)
+            except (TypeError, ValueError):
+                pass
+        if base is str and value is not None:
+            return value if isinstance(value, str) else str(value)
+        if base is not type(None) and isinstance(value, base):
             return value
-    raise ValueError(f"override {key}={text!r}: expected {hint}")
+    raise ValueError(f"config key {key}={value!r}: expected {hint}")
+
+
+def _coerce(text: str, hint: Any, key: str) -> Any:
+    """Turn the text of `key=value` into the field's type; YAML syntax covers lists, dicts and None."""
+    return _convert(yaml.safe_load(text), hint, key)
 
 
 def apply_overrides(cfg: Any, overrides: list[str]) -> Any:

@@ -209,12 +209,13 @@ class Trainer:
                     # Normalise by the label tokens of the whole accumulation window, so accumulation is exact.
                     n_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
                     loss_total = 0.0
-                    for batch in micro:
+                    for i, batch in enumerate(micro):
+                        self._blank_images(batch, i)
                         batch = to_device(batch, self.device)
                         with autocast_for(t.precision, self.device):
                             out = self.model(**model_inputs(batch))
                         (out["loss_sum"] / n_tokens).backward()
-                        loss_total += float(out["loss_sum"])
+                        loss_total += out["loss_sum"].item()
                         tokens += int(batch["attention_mask"].sum())
                     if t.clip_grad > 0:
                         torch.nn.utils.clip_grad_norm_(
@@ -257,6 +258,15 @@ class Trainer:
         }
         (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
         return summary
+
+    def _blank_images(self, batch: dict, micro_index: int) -> None:
+        """Zero a random subset of images; seeded by (seed, step, micro-batch), so a resumed run replays it."""
+        p, pixels = self.cfg.data.blank_image_prob, batch.get("pixel_values")
+        if p <= 0 or pixels is None:
+            return
+        seed = (self.cfg.train.seed * 1_000_003 + self.state["step"]) * 64 + micro_index
+        drop = torch.rand(pixels.shape[0], generator=torch.Generator().manual_seed(seed)) < p
+        pixels[drop] = 0.0
 
     def _log(self, row: dict) -> None:
         with open(self.out / "metrics.jsonl", "a") as fh:

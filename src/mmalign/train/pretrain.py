@@ -58,7 +58,7 @@ def _loop(params, steps: int, lr: float, loss_fn, label: str, console: Console, 
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             sched.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
             bar.update(task, advance=1, description=f"{label} loss {loss.item():.3f}")
     return losses
 
@@ -85,14 +85,18 @@ def pretrain_vision(
     size, mean, std = encoder.image_size, encoder.mean, encoder.std
     pixels = torch.stack([preprocess_image(load_image(data_dir / "images" / n), size, mean, std) for n in names])
     targets = {a: torch.tensor([vals.index(scenes[n][a]) for n in names]) for a, vals in ATTRIBUTES.items()}
-    # Heads read the mean over tokens, so every token must carry the attributes (side included) in its content.
-    heads = nn.ModuleDict({a: nn.Linear(encoder.hidden_size, len(v)) for a, v in ATTRIBUTES.items()})
+    # Two sets of heads: one on the flattened tokens (what is where), one on their mean, which makes every token
+    # carry the attributes (side included) in its content rather than only in its index.
+    flat = encoder.num_tokens * encoder.hidden_size
+    heads = nn.ModuleDict({f"{a}_flat": nn.Linear(flat, len(v)) for a, v in ATTRIBUTES.items()})
+    heads.update({f"{a}_mean": nn.Linear(encoder.hidden_size, len(v)) for a, v in ATTRIBUTES.items()})
     gen = torch.Generator().manual_seed(seed)
 
     def loss_fn(step: int) -> torch.Tensor:
         idx = torch.randint(len(names), (batch_size,), generator=gen)
-        feats = encoder(pixels[idx]).mean(1)  # (B, D)
-        return sum(F.cross_entropy(heads[a](feats), targets[a][idx]) for a in ATTRIBUTES)
+        tokens = encoder(pixels[idx])  # (B, tokens, D)
+        views = {"flat": tokens.flatten(1), "mean": tokens.mean(1)}
+        return sum(F.cross_entropy(heads[f"{a}_{v}"](x), targets[a][idx]) for a in ATTRIBUTES for v, x in views.items())
 
     params = list(encoder.parameters()) + list(heads.parameters())
     losses = _loop(params, steps, lr, loss_fn, "stage 0 vision", console, progress)

@@ -1,0 +1,108 @@
+"""The model: sparse loss equals the full-logits reference, encoders read the right layer, connectors obey the
+registry contract, and a wrong image-token count is a loud error."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import TINY_VISION, tiny_model_config
+
+from mmalign.models.builder import build_model
+from mmalign.models.multimodal import IGNORE_INDEX, MediaCountError
+from mmalign.registry import CONNECTORS, ENCODERS
+
+
+@pytest.fixture()
+def model(shapes):
+    model, _ = build_model(tiny_model_config(shapes["tokenizer"]))
+    return model
+
+
+def batch_for(model, batch=2, text=6):
+    n = model.encoder.num_tokens
+    ids = torch.cat([torch.randint(10, 30, (batch, 2)), torch.full((batch, n), model.image_token_id),
+                     torch.randint(10, 30, (batch, text))], dim=1)  # fmt: skip
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    labels[:, -3:] = ids[:, -3:]
+    mask = torch.ones_like(ids)
+    mask[0, -1], labels[0, -1] = 0, IGNORE_INDEX  # one padded position
+    pixels = torch.randn(batch, 3, model.encoder.image_size, model.encoder.image_size)
+    return dict(input_ids=ids, attention_mask=mask, pixel_values=pixels, labels=labels)
+
+
+def test_sparse_loss_equals_full_logits_cross_entropy(model):
+    b = batch_for(model)
+    model.requires_grad_(True)
+    out = model(**b)
+    loss = out["loss_sum"] / out["n_tokens"]
+    grads = torch.autograd.grad(loss, [model.connector.linears[0].weight, model.lm_head.weight])
+    logits = model(**{k: v for k, v in b.items() if k != "labels"})["logits"]
+    ref = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), b["labels"][:, 1:].reshape(-1))
+    ref_grads = torch.autograd.grad(ref, [model.connector.linears[0].weight, model.lm_head.weight])
+    assert out["n_tokens"] == int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) == 5
+    torch.testing.assert_close(loss, ref)
+    for g, r in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, r)
+
+
+def test_image_features_land_in_image_positions(model):
+    b = batch_for(model)
+    embeds = model.embed(b["input_ids"], b["pixel_values"])
+    feats = model.encode_images(b["pixel_values"])
+    is_image = b["input_ids"] == model.image_token_id
+    torch.testing.assert_close(embeds[is_image], feats.reshape(-1, feats.shape[-1]))
+    text = model.llm.get_input_embeddings()(b["input_ids"])
+    torch.testing.assert_close(embeds[~is_image], text[~is_image])
+
+
+def test_image_count_mismatch_names_the_samples(model):
+    b = batch_for(model)
+    with pytest.raises(MediaCountError, match=r"s1: \d+ image tokens, s2"):
+        model(b["input_ids"], pixel_values=b["pixel_values"][:1], sample_ids=["s1", "s2"])
+
+
+def test_frozen_encoder_builds_no_graph(model):
+    model.encoder.requires_grad_(False)
+    feats = model.encoder(torch.randn(1, 3, 32, 32))
+    assert not feats.requires_grad  # no_grad is decided by the freeze, not inside forward
+    model.encoder.requires_grad_(True)
+    assert model.encoder(torch.randn(1, 3, 32, 32)).requires_grad
+
+
+@pytest.mark.parametrize("family", ["clip", "siglip"])
+@pytest.mark.parametrize("layer", [-1, -2, 1])
+@pytest.mark.parametrize("keep_cls", [False, True])
+def test_encoder_reads_the_selected_hidden_layer(family, layer, keep_cls):
+    if family == "siglip" and keep_cls:
+        with pytest.raises(ValueError, match="no CLS"):
+            ENCODERS.build(family, config=dict(TINY_VISION), feature_layer=layer, keep_cls=True)
+        return
+    enc = ENCODERS.build(family, config=dict(TINY_VISION), feature_layer=layer, keep_cls=keep_cls).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = enc.tower(x, output_hidden_states=True).hidden_states[layer]
+        got = enc(x)
+    if family == "clip" and not keep_cls:
+        ref = ref[:, 1:]
+    assert got.shape == (2, enc.num_tokens, 32)
+    torch.testing.assert_close(got, ref)
+
+
+@pytest.mark.parametrize("name", ["linear", "mlp2x_gelu", "mlp3x_gelu"])
+def test_connector_contract(name):
+    conn = CONNECTORS.build(name, in_dim=8, out_dim=12)
+    x = torch.randn(2, 5, 8)
+    y = conn(x)
+    assert y.shape == (2, 5, 12)
+    y.square().sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in conn.parameters())
+    clone = CONNECTORS.build(name, in_dim=8, out_dim=12)
+    clone.load_state_dict(conn.state_dict())
+    torch.testing.assert_close(clone(x), y)
+    assert len(conn.linears) == {"linear": 1, "mlp2x_gelu": 2, "mlp3x_gelu": 3}[name]
+
+
+def test_unknown_connector_lists_the_known_ones():
+    with pytest.raises(KeyError, match="linear"):
+        CONNECTORS.build("qformer", in_dim=8, out_dim=8)

@@ -1,0 +1,129 @@
+"""Labels from per-turn spans, image-token expansion, and loud errors that name the sample."""
+
+from __future__ import annotations
+
+import pytest
+from transformers import AutoTokenizer
+
+from mmalign.data.processor import Conversation, Processor, SampleError, parse_record
+from mmalign.models.multimodal import IGNORE_INDEX
+
+N_IMG = 4
+
+
+def make_processor(tokenizer, template="chat", max_length=128):
+    return Processor(
+        tokenizer,
+        image_token="<image>",
+        tokens_per_image=N_IMG,
+        image_size=16,
+        mean=(0.5,) * 3,
+        std=(0.5,) * 3,
+        template=template,
+        max_length=max_length,
+    )
+
+
+@pytest.fixture(scope="module")
+def tok(shapes):
+    return AutoTokenizer.from_pretrained(shapes["tokenizer"])
+
+
+RECORD = {
+    "id": "two-images",
+    "image": ["a.png", "b.png"],
+    "conversations": [
+        {"from": "human", "value": "<image>\nwhat color is the shape ?"},
+        {"from": "gpt", "value": "red"},
+        {"from": "human", "value": "<image>\nhow many shapes are there ?"},
+        {"from": "gpt", "value": "two circles"},
+    ],
+}
+
+
+def supervised_words(tok, ids, labels):
+    return [tok.convert_ids_to_tokens(t) for t, y in zip(ids, labels, strict=True) if y != IGNORE_INDEX]
+
+
+def test_labels_cover_exactly_the_assistant_turns(tok):
+    proc = make_processor(tok)
+    ids, labels = proc.tokenize(parse_record(RECORD, 0))
+    assert supervised_words(tok, ids, labels) == ["red", "<eos>", "two", "circles", "<eos>"]
+    # Supervised labels are the token itself (no shift here: the model shifts).
+    assert all(y in (IGNORE_INDEX, t) for t, y in zip(ids, labels, strict=True))
+    # Both images expanded to N_IMG tokens each, and none of them is supervised.
+    image_id = tok.convert_tokens_to_ids("<image>")
+    assert sum(t == image_id for t in ids) == 2 * N_IMG
+    assert all(y == IGNORE_INDEX for t, y in zip(ids, labels, strict=True) if t == image_id)
+
+
+def test_prefix_fallback_gives_the_same_labels_as_generation_tags(tok):
+    """A template without {% generation %} tags goes through the turn-by-turn path; labels must agree."""
+    plain_tok = AutoTokenizer.from_pretrained(tok.name_or_path)
+    plain_tok.chat_template = tok.chat_template.replace("{% generation %}", "").replace("{% endgeneration %}", "")
+    conv = parse_record(RECORD, 0)
+    assert make_processor(plain_tok).tokenize(conv) == make_processor(tok).tokenize(conv)
+
+
+def test_template_that_rewrites_history_fails_loudly(tok):
+    bad = AutoTokenizer.from_pretrained(tok.name_or_path)
+    # Renders the last message differently from earlier ones, so a longer conversation does not extend a shorter.
+    bad.chat_template = "{% for m in messages %}{% if loop.last %}<user> {% endif %}{{ m['content'] }} {% endfor %}"
+    with pytest.raises(SampleError, match="two-images.*does not extend"):
+        make_processor(bad).tokenize(parse_record(RECORD, 0))
+
+
+def test_plain_template_supervises_only_the_caption(tok):
+    rec = {"id": "c", "image": "a.png", "conversations": RECORD["conversations"][:2]}
+    ids, labels = make_processor(tok, template="plain").tokenize(parse_record(rec, 0))
+    assert tok.convert_ids_to_tokens(ids[0]) == "<bos>"
+    assert supervised_words(tok, ids, labels) == ["red", "<eos>"]
+    assert len(ids) == 1 + N_IMG + 2
+
+
+def test_text_only_sample_has_no_image_tokens(tok):
+    rec = {"id": "t", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "red"}]}
+    ids, _ = make_processor(tok).tokenize(parse_record(rec, 0))
+    assert tok.convert_tokens_to_ids("<image>") not in ids
+
+
+@pytest.mark.parametrize(
+    "record, message",
+    [
+        ({"id": "e1", "image": "a.png", "conversations": []}, "e1: empty conversation"),
+        ({"id": "e2", "conversations": [{"from": "bot", "value": "x"}]}, "e2: unknown speaker"),
+        ({"id": "e3", "conversations": [{"from": "human", "value": "x"}]}, "e3: conversation has no assistant"),
+        (
+            {"id": "e4", "image": ["a.png", "b.png"], "conversations": RECORD["conversations"][:2]},
+            "e4: 1 <image> placeholders in the text but 2 images",
+        ),
+        (
+            {"id": "e5", "conversations": RECORD["conversations"][:2]},
+            "e5: 1 <image> placeholders in the text but 0 images",
+        ),
+    ],
+)
+def test_bad_records_name_the_sample(tok, record, message):
+    with pytest.raises(SampleError, match=message):
+        make_processor(tok).tokenize(parse_record(record, 0))
+
+
+def test_too_long_sample_is_an_error(tok):
+    with pytest.raises(SampleError, match=r"two-images: \d+ tokens exceed max_length 10"):
+        make_processor(tok, max_length=10).tokenize(parse_record(RECORD, 0))
+
+
+def test_missing_and_unreadable_images(tok, tmp_path):
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    proc = make_processor(tok)
+    with pytest.raises(SampleError, match="m1: image file not found"):
+        proc.pixels(Conversation(id="m1", images=["nope.png"], messages=[]), tmp_path)
+    with pytest.raises(SampleError, match="m2: unreadable image"):
+        proc.pixels(Conversation(id="m2", images=["broken.png"], messages=[]), tmp_path)
+
+
+def test_prompt_ids_end_with_the_assistant_header(tok):
+    conv = parse_record(RECORD, 0)
+    ids = make_processor(tok).prompt_ids(conv)
+    assert tok.convert_ids_to_tokens(ids[-1]) == "<assistant>"
+    assert "circles" not in tok.convert_ids_to_tokens(ids)  # the answer being asked for is not in the prompt
