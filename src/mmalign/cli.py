@@ -71,7 +71,7 @@ def data_cmd(
 def pretrain(
     data: Path = typer.Option(Path("data/shapes"), help="Embedded dataset folder (from `mmalign data`)."),
     out: Path = typer.Option(Path("runs/quickstart/base"), help="Writes encoder/ and lm/ here."),
-    vision_steps: int = typer.Option(300, help="Optimizer steps for the vision tower."),
+    vision_steps: int = typer.Option(400, help="Optimizer steps for the vision tower."),
     lm_steps: int = typer.Option(200, help="Optimizer steps for the LM."),
     seed: int = typer.Option(0, help="Seed."),
 ) -> None:
@@ -203,7 +203,8 @@ def generate(
         top_p=top_p,
         seed=seed,
     )[0]
-    console.print(tokenizer.decode(out, skip_special_tokens=True).strip())
+    answer = tokenizer.decode(out, skip_special_tokens=True).strip()
+    console.print(answer or "[dim](empty answer: the model stopped at once)[/dim]", markup=not answer, highlight=False)
 
 
 @app.command()

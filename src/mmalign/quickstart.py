@@ -29,15 +29,26 @@ def load_recipe(name_or_path: str | Path, overrides: list[str] = ()) -> RecipeCo
     return apply_overrides(load_yaml(resolve_recipe(name_or_path)), list(overrides))
 
 
+def _fmt(acc: dict) -> str:
+    return ", ".join(f"{k} {v:.0%}" for k, v in acc.items())
+
+
 def run_quickstart(
     out: str | Path = "runs/quickstart",
     data: str | Path = "data/shapes",
     *,
     finetune: str = "full",
     seed: int = 0,
+    n_train: int = 3000,
+    vision_steps: int = 400,
+    lm_steps: int = 200,
+    stage1_epochs: float | None = None,
+    stage2_epochs: float | None = None,
     progress: bool = True,
     console: Console | None = None,
 ) -> dict:
+    """Stage 0, 1 and 2 on the embedded shapes data, then test accuracy vs a blind baseline. The size arguments
+    shrink the run (tests use them); the defaults are what the README reports."""
     from mmalign.data.shapes import write_shapes_dataset
     from mmalign.evaluate import evaluate_vqa, majority_baseline
     from mmalign.train.checkpoint import load_checkpoint
@@ -49,13 +60,17 @@ def run_quickstart(
     start = time.time()
     if not (data / "qa_test.json").is_file():
         console.print(f"[bold]writing the embedded shapes dataset[/] to {data}")
-        write_shapes_dataset(data, seed=seed)
+        write_shapes_dataset(data, n_train=n_train, seed=seed)
     console.print("[bold]stage 0[/]: pretraining the tiny vision tower and the tiny LM on the embedded data")
-    pretrain_vision(data, out / "base/encoder", seed=seed, console=console, progress=progress)
+    vision = pretrain_vision(
+        data, out / "base/encoder", steps=vision_steps, seed=seed, console=console, progress=progress
+    )
+    console.print(f"vision tower: held-out attribute accuracy {_fmt(vision['val_accuracy'])}")
     pretrain_lm(
         [data / "captions_train.json", data / "conversations_train.json"],
         data / "tokenizer",
         out / "base/lm",
+        steps=lm_steps,
         seed=seed,
         console=console,
         progress=progress,
@@ -69,7 +84,10 @@ def run_quickstart(
     ]
     console.print("[bold]stage 1[/]: feature alignment (connector only, captions)")
     stage1 = load_recipe(
-        "shapes_stage1", common + [f"data.train={data / 'captions_train.json'}", f"train.out_dir={out / 'stage1'}"]
+        "shapes_stage1",
+        common
+        + [f"data.train={data / 'captions_train.json'}", f"train.out_dir={out / 'stage1'}"]
+        + ([f"train.epochs={stage1_epochs}"] if stage1_epochs else []),
     )
     train(stage1, console=console)
     console.print(f"[bold]stage 2[/]: instruction tuning (connector + LLM, {finetune})")
@@ -83,7 +101,8 @@ def run_quickstart(
             f"train.init_from={out / 'stage1'}",
             f"train.finetune={finetune}",
         ]
-        + (["train.lr=3e-3"] if finetune == "lora" else []),
+        + (["train.lr=3e-3"] if finetune == "lora" else [])
+        + ([f"train.epochs={stage2_epochs}"] if stage2_epochs else []),
     )
     train(stage2, console=console)
     train_seconds = time.time() - start

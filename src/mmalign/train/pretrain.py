@@ -67,9 +67,9 @@ def pretrain_vision(
     data_dir: str | Path,
     out_dir: str | Path,
     *,
-    steps: int = 300,
+    steps: int = 400,
     batch_size: int = 128,
-    lr: float = 2e-3,
+    lr: float = 4e-3,
     preset: str = "tiny-vit",
     seed: int = 0,
     console: Console | None = None,
@@ -81,10 +81,14 @@ def pretrain_vision(
     data_dir = Path(data_dir)
     scenes = json.loads((data_dir / "scenes.json").read_text())
     encoder: VisionEncoder = clip_encoder(preset=preset)
-    names = sorted(n for n in scenes if n.startswith("train_"))
     size, mean, std = encoder.image_size, encoder.mean, encoder.std
-    pixels = torch.stack([preprocess_image(load_image(data_dir / "images" / n), size, mean, std) for n in names])
-    targets = {a: torch.tensor([vals.index(scenes[n][a]) for n in names]) for a, vals in ATTRIBUTES.items()}
+
+    def split(prefix: str):
+        names = sorted(n for n in scenes if n.startswith(prefix))
+        pixels = torch.stack([preprocess_image(load_image(data_dir / "images" / n), size, mean, std) for n in names])
+        return pixels, {a: torch.tensor([vals.index(scenes[n][a]) for n in names]) for a, vals in ATTRIBUTES.items()}
+
+    pixels, targets = split("train_")
     # Two sets of heads: one on the flattened tokens (what is where), one on their mean, which makes every token
     # carry the attributes (side included) in its content rather than only in its index.
     flat = encoder.num_tokens * encoder.hidden_size
@@ -93,7 +97,7 @@ def pretrain_vision(
     gen = torch.Generator().manual_seed(seed)
 
     def loss_fn(step: int) -> torch.Tensor:
-        idx = torch.randint(len(names), (batch_size,), generator=gen)
+        idx = torch.randint(len(pixels), (batch_size,), generator=gen)
         tokens = encoder(pixels[idx])  # (B, tokens, D)
         views = {"flat": tokens.flatten(1), "mean": tokens.mean(1)}
         return sum(F.cross_entropy(heads[f"{a}_{v}"](x), targets[a][idx]) for a in ATTRIBUTES for v, x in views.items())
@@ -101,7 +105,13 @@ def pretrain_vision(
     params = list(encoder.parameters()) + list(heads.parameters())
     losses = _loop(params, steps, lr, loss_fn, "stage 0 vision", console, progress)
     save_encoder(encoder, out_dir)
-    return {"out_dir": str(out_dir), "first_loss": losses[0], "last_loss": losses[-1]}
+    val_pixels, val_targets = split("val_")
+    with torch.no_grad():
+        tokens = encoder(val_pixels).flatten(1)
+        val_acc = {
+            a: (heads[f"{a}_flat"](tokens).argmax(-1) == val_targets[a]).float().mean().item() for a in ATTRIBUTES
+        }
+    return {"out_dir": str(out_dir), "first_loss": losses[0], "last_loss": losses[-1], "val_accuracy": val_acc}
 
 
 def lm_corpus(paths: list[str | Path], image_token: str = "<image>") -> list[list[dict]]:
