@@ -89,7 +89,7 @@ def contrastive(
     data: Path = typer.Option(Path("data/shapes"), help="Embedded dataset folder (from `mmalign data`)."),
     out: Path = typer.Option(Path("runs/contrastive"), help="Writes image_encoder/, heads.safetensors, results.json."),
     loss: str = typer.Option("clip", help="clip (symmetric InfoNCE) or siglip (pairwise sigmoid)."),
-    steps: int = typer.Option(300, help="Optimizer steps."),
+    steps: int = typer.Option(600, help="Optimizer steps."),
     batch_size: int = typer.Option(128, help="Pairs per batch (captions within a batch are distinct)."),
     lr: float = typer.Option(2e-3, help="Peak learning rate (warm-up + cosine)."),
     text_tower: Path = typer.Option(None, help="HF text encoder folder; default: the pretrained MiniLM package."),

@@ -73,12 +73,25 @@ class PooledEncoder(nn.Module):
 class DualEncoder(nn.Module):
     """`embed_media(x) -> (B, E)` and `embed_text(features or ids) -> (B, E)`, both unit length."""
 
-    def __init__(self, media_tower: nn.Module, text_tower: nn.Module | None, *, text_dim: int, embed_dim: int = 128):
+    def __init__(
+        self,
+        media_tower: nn.Module,
+        text_tower: nn.Module | None,
+        *,
+        text_dim: int,
+        embed_dim: int = 128,
+        text_head_hidden: int = 0,
+    ):
         super().__init__()
         self.media_tower = media_tower
         self.text_tower = text_tower
         self.media_proj = nn.Linear(media_tower.hidden_size, embed_dim, bias=False)
-        self.text_proj = nn.Linear(text_dim, embed_dim, bias=False)
+        # A locked tower cannot adapt, so its head may be an MLP (LiT trains only the head on that side).
+        self.text_proj = (
+            nn.Sequential(nn.Linear(text_dim, text_head_hidden), nn.GELU(), nn.Linear(text_head_hidden, embed_dim))
+            if text_head_hidden
+            else nn.Linear(text_dim, embed_dim, bias=False)
+        )
 
     def embed_media(self, x: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.media_proj(self.media_tower(x)), dim=-1)

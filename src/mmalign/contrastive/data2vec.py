@@ -1,0 +1,145 @@
+"""data2vec-style self-distillation (Baevski et al. 2022) for a ViT-style encoder, and a linear probe to judge it.
+
+The student sees the input with a random subset of patch embeddings replaced by a learned mask token and regresses,
+at the masked positions, the teacher's targets: the average of its top-K block outputs, each layer-normalised
+(§3.3), on the unmasked input. The teacher is an exponential moving average of the student (§3.2) whose decay
+rises linearly from `ema_start` to `ema_end`.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _blocks(encoder: nn.Module) -> tuple[nn.Module, nn.ModuleList]:
+    body = encoder._body()
+    return body, body.encoder.layers
+
+
+class Data2Vec(nn.Module):
+    """Wraps a `VisionEncoder`; `forward(pixels) -> loss`. Call `update_teacher(progress)` after each step."""
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        *,
+        top_k: int = 3,
+        mask_ratio: float = 0.6,
+        ema_start: float = 0.999,
+        ema_end: float = 0.9999,
+    ):
+        super().__init__()
+        self.student = encoder
+        self.teacher = copy.deepcopy(encoder).requires_grad_(False)
+        self.top_k, self.mask_ratio = top_k, mask_ratio
+        self.ema_start, self.ema_end = ema_start, ema_end
+        dim = encoder.hidden_size
+        self.mask_token = nn.Parameter(torch.zeros(dim))
+        self.head = nn.Linear(dim, dim)  # regression head (§3.3)
+        self.has_cls = encoder.has_cls
+
+    def _run(self, encoder: nn.Module, x: torch.Tensor, mask: torch.Tensor | None) -> list[torch.Tensor]:
+        """All block outputs (each (B, T, D)); masked patches are swapped for the mask token before the blocks."""
+        body, blocks = _blocks(encoder)
+        h = body.embeddings(x)  # (B, T, D), T = CLS + patches for CLIP
+        if mask is not None:
+            patches = h[:, 1:] if self.has_cls else h
+            patches = torch.where(mask.unsqueeze(-1), self.mask_token.to(h.dtype), patches)
+            h = torch.cat([h[:, :1], patches], dim=1) if self.has_cls else patches
+        if hasattr(body, "pre_layrnorm"):
+            h = body.pre_layrnorm(h)
+        outs = []
+        for block in blocks:
+            h = block(h, None)
+            outs.append(h)
+        return outs
+
+    def random_mask(self, batch: int, n_patches: int, device, generator: torch.Generator | None = None) -> torch.Tensor:
+        """(B, patches) bool, exactly round(ratio * patches) True per row."""
+        n_mask = max(1, round(self.mask_ratio * n_patches))
+        scores = torch.rand(batch, n_patches, generator=generator).to(device)
+        return scores.argsort(dim=1) < n_mask
+
+    def forward(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        n_patches = (self.student.image_size // self.student.patch_size) ** 2
+        mask = self.random_mask(pixels.shape[0], n_patches, pixels.device, generator)
+        with torch.no_grad():
+            layers = self._run(self.teacher, pixels, None)[-self.top_k :]
+            target = sum(F.layer_norm(h, h.shape[-1:]) for h in layers) / len(layers)  # (B, T, D)
+            if self.has_cls:
+                target = target[:, 1:]
+        pred = self.head(self._run(self.student, pixels, mask)[-1])
+        if self.has_cls:
+            pred = pred[:, 1:]
+        return F.mse_loss(pred[mask], target[mask])
+
+    @torch.no_grad()
+    def update_teacher(self, progress: float) -> float:
+        """EMA step with decay interpolated by training progress in [0, 1]; returns the decay used."""
+        decay = self.ema_start + (self.ema_end - self.ema_start) * min(max(progress, 0.0), 1.0)
+        for t, s in zip(self.teacher.parameters(), self.student.parameters(), strict=True):
+            t.lerp_(s, 1 - decay)
+        return decay
+
+
+@torch.no_grad()
+def pooled_features(encoder: nn.Module, pixels: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """Mean-pooled encoder tokens: (N, 3, H, W) -> (N, D)."""
+    encoder.eval()
+    return torch.cat([encoder(pixels[i : i + batch_size]).mean(1) for i in range(0, len(pixels), batch_size)])
+
+
+def linear_probe(
+    train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor, steps: int = 300
+) -> float:
+    """Held-out accuracy of a logistic-regression probe on frozen features (standardised with train statistics)."""
+    mean, std = train_x.mean(0), train_x.std(0).clamp(min=1e-6)
+    train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
+    probe = nn.Linear(train_x.shape[1], int(train_y.max()) + 1)
+    opt = torch.optim.AdamW(probe.parameters(), lr=1e-2, weight_decay=1e-3)
+    for _ in range(steps):
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(probe(train_x), train_y).backward()
+        opt.step()
+    return probe(test_x).argmax(-1).eq(test_y).float().mean().item()
+
+
+def train_data2vec(
+    encoder: nn.Module,
+    pixels: torch.Tensor,
+    *,
+    steps: int = 200,
+    batch_size: int = 64,
+    lr: float = 1e-3,
+    seed: int = 0,
+    **kwargs,
+) -> list[float]:
+    """Self-distil `encoder` in place on `pixels` (N, 3, H, W); returns the loss curve."""
+    from mmalign.train.optim import warmup_cosine
+
+    torch.manual_seed(seed)
+    model = Data2Vec(encoder, **kwargs)
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": 0.05},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    opt = torch.optim.AdamW(groups, lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(steps, 0.1))
+    gen = torch.Generator().manual_seed(seed)
+    losses = []
+    model.train()
+    for step in range(steps):
+        idx = torch.randint(len(pixels), (batch_size,), generator=gen)
+        loss = model(pixels[idx], generator=gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        model.update_teacher((step + 1) / steps)
+        losses.append(loss.item())
+    return losses
