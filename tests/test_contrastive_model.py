@@ -82,3 +82,23 @@ def test_wise_ft_interpolates():
         interpolate_weights(a, {"w": b["w"]}, 0.5)
     with pytest.raises(ValueError):
         interpolate_weights(a, b, 1.5)
+
+
+@pytest.mark.parametrize("loss_name", ["clip", "siglip"])
+def test_gradient_cache_equals_one_big_batch(loss_name):
+    from mmalign.contrastive.gradcache import cached_contrastive_step
+    from mmalign.contrastive.losses import ClipLoss, SigLipLoss
+
+    torch.manual_seed(0)
+    tower_a, tower_b = torch.nn.Linear(6, 4), torch.nn.Linear(5, 4)
+    loss = ClipLoss() if loss_name == "clip" else SigLipLoss()
+    xa, xb = torch.randn(12, 6), torch.randn(12, 5)
+    params = [*tower_a.parameters(), *tower_b.parameters(), *loss.parameters()]
+
+    loss(tower_a(xa), tower_b(xb)).backward()
+    reference = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+    cached_contrastive_step(tower_a, tower_b, loss, xa, xb, micro_batch=4)
+    for p, r in zip(params, reference, strict=True):
+        torch.testing.assert_close(p.grad, r)

@@ -36,19 +36,23 @@ def quickstart(
     out: Path = typer.Option(Path("runs/quickstart"), help="Folder for the models, checkpoints and results."),
     data: Path = typer.Option(Path("data/shapes"), help="Embedded dataset folder; written if missing."),
     finetune: str = typer.Option("full", help="Stage-2 LLM fine-tuning: full or lora."),
+    vision: str = typer.Option(
+        "contrastive", help="Stage-0 vision pretraining: contrastive (LiT vs the pretrained MiniLM) or supervised."
+    ),
     seed: int = typer.Option(0, help="Seed for data, initialisation and order."),
     progress: bool = typer.Option(True, help="Show progress bars."),
 ) -> None:
     """Train a small LLaVA-style model on the embedded shapes data and show what it learned.
 
-    Stage 0 pretrains a tiny vision tower and a tiny LM, stage 1 aligns the connector on captions, stage 2
-    instruction-tunes on conversations; then held-out accuracy per question type, a blind baseline (images
-    replaced by zeros), the time taken, the checkpoint, and one answered question.
+    Stage 0 pretrains a tiny vision tower (contrastively, against a locked pretrained text tower) and a tiny LM,
+    stage 1 aligns the connector on captions, stage 2 instruction-tunes on conversations; then held-out accuracy
+    per question type, a blind baseline (images replaced by zeros), the time taken, the checkpoint, and one
+    answered question.
     """
     _quiet_transformers()
     from mmalign.quickstart import run_quickstart
 
-    run_quickstart(out, data, finetune=finetune, seed=seed, progress=progress, console=console)
+    run_quickstart(out, data, finetune=finetune, vision=vision, seed=seed, progress=progress, console=console)
 
 
 @app.command("data")

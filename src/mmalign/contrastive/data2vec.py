@@ -31,8 +31,12 @@ class Data2Vec(nn.Module):
         mask_ratio: float = 0.6,
         ema_start: float = 0.999,
         ema_end: float = 0.9999,
+        target_norm: str = "instance",
     ):
         super().__init__()
+        if target_norm not in ("instance", "layer"):
+            raise ValueError(f"target_norm must be instance or layer, got {target_norm!r}")
+        self.target_norm = target_norm
         self.student = encoder
         self.teacher = copy.deepcopy(encoder).requires_grad_(False)
         self.top_k, self.mask_ratio = top_k, mask_ratio
@@ -58,6 +62,13 @@ class Data2Vec(nn.Module):
             outs.append(h)
         return outs
 
+    def _normalise(self, h: torch.Tensor) -> torch.Tensor:
+        if self.target_norm == "layer":
+            return F.layer_norm(h, h.shape[-1:])  # per token, over features
+        # Per feature, over the tokens of each sample (data2vec's instance norm): a constant background cannot
+        # dominate the targets, only what differs between positions does.
+        return F.instance_norm(h.transpose(1, 2)).transpose(1, 2)
+
     def random_mask(self, batch: int, n_patches: int, device, generator: torch.Generator | None = None) -> torch.Tensor:
         """(B, patches) bool, exactly round(ratio * patches) True per row."""
         n_mask = max(1, round(self.mask_ratio * n_patches))
@@ -69,7 +80,7 @@ class Data2Vec(nn.Module):
         mask = self.random_mask(pixels.shape[0], n_patches, pixels.device, generator)
         with torch.no_grad():
             layers = self._run(self.teacher, pixels, None)[-self.top_k :]
-            target = sum(F.layer_norm(h, h.shape[-1:]) for h in layers) / len(layers)  # (B, T, D)
+            target = sum(self._normalise(h) for h in layers) / len(layers)  # (B, T, D)
             if self.has_cls:
                 target = target[:, 1:]
         pred = self.head(self._run(self.student, pixels, mask)[-1])
