@@ -130,16 +130,12 @@ def train_data2vec(
     **kwargs,
 ) -> list[float]:
     """Self-distil `encoder` in place on `pixels` (N, 3, H, W); returns the loss curve."""
-    from mmalign.train.optim import warmup_cosine
+    from mmalign.train.optim import decay_groups, warmup_cosine
 
     torch.manual_seed(seed)
     model = Data2Vec(encoder, **kwargs)
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": 0.05},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-    ]
-    opt = torch.optim.AdamW(groups, lr=lr)
+    opt = torch.optim.AdamW(decay_groups(params, 0.05), lr=lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(steps, 0.1))
     gen = torch.Generator().manual_seed(seed)
     losses = []

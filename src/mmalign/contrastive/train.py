@@ -21,10 +21,9 @@ from mmalign.contrastive.augment import Augment
 from mmalign.contrastive.evaluate import retrieval_recall
 from mmalign.contrastive.losses import ClipLoss, SigLipLoss
 from mmalign.contrastive.model import DualEncoder, PooledEncoder, TextTower, minilm_path
-from mmalign.data.shapes import COLORS, SHAPES, Scene
-from mmalign.modalities.image import load_image, preprocess_image
+from mmalign.data.shapes import COLORS, SHAPES, Scene, load_split
 from mmalign.models.encoders import clip_encoder, save_encoder
-from mmalign.train.optim import warmup_cosine
+from mmalign.train.optim import decay_groups, warmup_cosine
 
 ATTRIBUTE_VALUES = {"color": list(COLORS), "shape": SHAPES}
 
@@ -46,14 +45,6 @@ def caption_templates(attribute: str, value: str) -> list[str]:
     ]
 
 
-def _load_split(data_dir: Path, prefix: str, encoder) -> tuple[torch.Tensor, list[dict]]:
-    scenes = json.loads((data_dir / "scenes.json").read_text())
-    names = sorted(n for n in scenes if n.startswith(prefix))
-    size, mean, std = encoder.image_size, encoder.mean, encoder.std
-    pixels = torch.stack([preprocess_image(load_image(data_dir / "images" / n), size, mean, std) for n in names])
-    return pixels, [scenes[n] for n in names]
-
-
 def _distinct_batch(keys: list[str], batch_size: int, gen: torch.Generator) -> torch.Tensor:
     """Indices of a random batch whose captions all differ: a repeated caption would be a false negative."""
     seen, picked = set(), []
@@ -69,7 +60,7 @@ def _distinct_batch(keys: list[str], batch_size: int, gen: torch.Generator) -> t
 @torch.no_grad()
 def evaluate_lit(model: DualEncoder, text: TextTower, data_dir: str | Path) -> tuple:
     """(zero-shot accuracy per attribute, retrieval recalls) on the held-out test images."""
-    test_pixels, test_scenes = _load_split(Path(data_dir), "test_", model.media_tower.encoder)
+    test_pixels, test_scenes = load_split(data_dir, "test", model.media_tower.encoder)
     media = model.embed_media(test_pixels)
     zero_shot = {}
     for attribute, values in ATTRIBUTE_VALUES.items():
@@ -114,17 +105,13 @@ def train_lit(
     if criterion is None:
         raise ValueError(f"loss must be clip or siglip, got {loss!r}")
 
-    pixels, scenes = _load_split(data_dir, "train_", image)
+    pixels, scenes = load_split(data_dir, "train", image)
     captions = [Scene(**s).caption(random.Random(0)) for s in scenes]
     features = text.encode(captions)  # (N, text_dim): the locked tower runs once
     aug = Augment(seed=seed, crop_scale=(0.85, 1.0), flip=False, jitter=0.05, noise=0.02) if augment else None
 
     params = [p for p in list(model.parameters()) + list(criterion.parameters()) if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": 0.05},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},  # temperature, bias, norms
-    ]
-    opt = torch.optim.AdamW(groups, lr=lr)
+    opt = torch.optim.AdamW(decay_groups(params, 0.05), lr=lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(steps, 0.05))
     gen = torch.Generator().manual_seed(seed)
     losses = []

@@ -29,6 +29,14 @@ def build_optimizer(model: MultimodalLM, cfg: TrainConfig) -> torch.optim.Optimi
     return torch.optim.AdamW(param_groups, betas=tuple(cfg.betas), fused=fused or None)
 
 
+def decay_groups(params: list[torch.nn.Parameter], weight_decay: float) -> list[dict]:
+    """Two AdamW groups: decay on >= 2-D weights, none on biases, norms, temperatures and other 1-D scalars."""
+    return [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+
+
 def warmup_cosine(total_steps: int, warmup_ratio: float, min_ratio: float = 0.0):
     """Multiplier on the base lr: linear warm-up then cosine decay to `min_ratio`."""
     warmup = max(1, int(round(total_steps * warmup_ratio))) if warmup_ratio > 0 else 0

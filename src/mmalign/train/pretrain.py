@@ -7,7 +7,6 @@ the training data (captions and conversations, placeholders removed).
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -19,8 +18,7 @@ from torch import nn
 
 from mmalign.config import LLMConfig
 from mmalign.data.processor import read_records
-from mmalign.data.shapes import COLORS, COUNTS, POSITIONS, SHAPES, SIZES
-from mmalign.modalities.image import load_image, preprocess_image
+from mmalign.data.shapes import COLORS, COUNTS, POSITIONS, SHAPES, SIZES, load_split
 from mmalign.models.encoders import VisionEncoder, clip_encoder, save_encoder
 from mmalign.models.llm import load_llm, load_tokenizer
 from mmalign.train.optim import warmup_cosine
@@ -79,16 +77,13 @@ def pretrain_vision(
     console = console or Console()
     torch.manual_seed(seed)
     data_dir = Path(data_dir)
-    scenes = json.loads((data_dir / "scenes.json").read_text())
     encoder: VisionEncoder = clip_encoder(preset=preset)
-    size, mean, std = encoder.image_size, encoder.mean, encoder.std
 
-    def split(prefix: str):
-        names = sorted(n for n in scenes if n.startswith(prefix))
-        pixels = torch.stack([preprocess_image(load_image(data_dir / "images" / n), size, mean, std) for n in names])
-        return pixels, {a: torch.tensor([vals.index(scenes[n][a]) for n in names]) for a, vals in ATTRIBUTES.items()}
+    def split(name: str):
+        pixels, scenes = load_split(data_dir, name, encoder)
+        return pixels, {a: torch.tensor([vals.index(s[a]) for s in scenes]) for a, vals in ATTRIBUTES.items()}
 
-    pixels, targets = split("train_")
+    pixels, targets = split("train")
     # Two sets of heads: one on the flattened tokens (what is where), one on their mean, which makes every token
     # carry the attributes (side included) in its content rather than only in its index.
     flat = encoder.num_tokens * encoder.hidden_size
@@ -105,7 +100,7 @@ def pretrain_vision(
     params = list(encoder.parameters()) + list(heads.parameters())
     losses = _loop(params, steps, lr, loss_fn, "stage 0 vision", console, progress)
     save_encoder(encoder, out_dir)
-    val_pixels, val_targets = split("val_")
+    val_pixels, val_targets = split("val")
     with torch.no_grad():
         tokens = encoder(val_pixels).flatten(1)
         val_acc = {
