@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import tiny_model_config
 
+from helpers import tiny_model_config
 from mmalign.generate import generate
 from mmalign.models.builder import build_model
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import TINY_VISION, tiny_model_config
 
+from helpers import TINY_VISION, tiny_model_config
 from mmalign.models.builder import build_model
 from mmalign.models.multimodal import IGNORE_INDEX, MediaCountError
 from mmalign.registry import CONNECTORS, ENCODERS

@@ -7,9 +7,9 @@ import json
 
 import pytest
 import torch
-from helpers import TINY_LLAMA, TINY_VISION
 from safetensors.torch import load_file
 
+from helpers import TINY_LLAMA, TINY_VISION
 from mmalign.config import ConnectorConfig, DataConfig, EncoderConfig, LLMConfig, ModelConfig, RecipeConfig, TrainConfig
 from mmalign.data.dataset import epoch_order
 from mmalign.data.processor import SampleError
