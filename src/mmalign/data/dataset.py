@@ -1,0 +1,69 @@
+"""Dataset, collator and a resumable batch order. Bad samples come back as error markers, never as exceptions,
+so the training loop decides (skip and count, or save and stop) and a DataLoader worker never dies mid-epoch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+from mmalign.data.processor import Processor, SampleError, parse_record, read_records
+from mmalign.models.multimodal import IGNORE_INDEX
+
+
+class ConversationDataset(Dataset):
+    def __init__(self, path: str | Path, image_folder: str | Path, processor: Processor):
+        self.records = read_records(path)
+        self.image_folder = Path(image_folder)
+        self.processor = processor
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict:
+        record = self.records[index]
+        try:
+            conv = parse_record(record, index)
+            input_ids, labels = self.processor.tokenize(conv)
+            pixels = self.processor.pixels(conv, self.image_folder)
+        except SampleError as err:
+            return {"id": err.sample_id, "error": str(err)}
+        return {"id": conv.id, "input_ids": input_ids, "labels": labels, "pixel_values": pixels}
+
+
+class Collator:
+    """Right-pads a batch; pixel_values of all images in the batch are stacked in sample order."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, items: list[dict]) -> dict:
+        errors = [it for it in items if "error" in it]
+        good = [it for it in items if "error" not in it]
+        batch: dict = {"errors": errors, "ids": [it["id"] for it in good]}
+        if not good:
+            return batch
+        length = max(len(it["input_ids"]) for it in good)
+        ids = torch.full((len(good), length), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(good), length), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(good), length), dtype=torch.long)
+        for row, it in enumerate(good):
+            n = len(it["input_ids"])
+            ids[row, :n] = torch.tensor(it["input_ids"])
+            labels[row, :n] = torch.tensor(it["labels"])
+            mask[row, :n] = 1
+        pixels = [it["pixel_values"] for it in good if it["pixel_values"] is not None]
+        batch.update(
+            input_ids=ids,
+            labels=labels,
+            attention_mask=mask,
+            pixel_values=torch.cat(pixels) if pixels else None,
+        )
+        return batch
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The shuffled sample order of one epoch: a pure function of (seed, epoch), so resume replays it exactly."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g).tolist()

@@ -1,0 +1,194 @@
+"""From a LLaVA-format record to model inputs: messages, token ids with expanded image tokens, and labels.
+
+Labels come from per-turn token spans of the chat template: the template's `{% generation %}` mask when it has
+one, otherwise the growth of the rendered conversation turn by turn (each render must extend the previous one,
+or the sample fails loudly). Substrings are never re-tokenized.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from mmalign.modalities.image import MediaError, load_image, preprocess_image
+from mmalign.models.multimodal import IGNORE_INDEX
+
+_GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+class SampleError(ValueError):
+    """A training or evaluation sample that cannot be used; the message starts with its id."""
+
+    def __init__(self, sample_id: object, problem: str):
+        super().__init__(f"sample {sample_id}: {problem}")
+        self.sample_id = sample_id
+        self.problem = problem
+
+
+@dataclass
+class Conversation:
+    id: object
+    images: list[str]
+    messages: list[dict]
+    meta: dict = field(default_factory=dict)
+
+
+def read_records(path: str | Path) -> list[dict]:
+    """A LLaVA JSON list or a JSONL file, unchanged."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file not found: {path}")
+    text = path.read_text()
+    if path.suffix == ".jsonl":
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+    data = json.loads(text)
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a JSON list of samples")
+    return data
+
+
+def parse_record(record: dict, index: int) -> Conversation:
+    """Validate one LLaVA record: `id`, optional `image` (path or list), `conversations` of {from, value}."""
+    sample_id = record.get("id", f"#{index}")
+    turns = record.get("conversations")
+    if not turns:
+        raise SampleError(sample_id, "empty conversation")
+    messages = []
+    for turn in turns:
+        role = ROLES.get(turn.get("from", ""))
+        if role is None:
+            raise SampleError(sample_id, f"unknown speaker {turn.get('from')!r} (expected human/gpt)")
+        messages.append({"role": role, "content": str(turn.get("value", ""))})
+    if not any(m["role"] == "assistant" for m in messages):
+        raise SampleError(sample_id, "conversation has no assistant (gpt) turn")
+    image = record.get("image")
+    images = [] if image is None else [image] if isinstance(image, str) else list(image)
+    meta = {k: v for k, v in record.items() if k not in ("id", "image", "conversations")}
+    return Conversation(id=sample_id, images=images, messages=messages, meta=meta)
+
+
+class Processor:
+    """Turns a Conversation into `input_ids`, `labels` and `pixel_values` for one sample."""
+
+    def __init__(
+        self,
+        tokenizer,
+        *,
+        image_token: str,
+        tokens_per_image: int,
+        image_size: int,
+        mean: tuple,
+        std: tuple,
+        template: str = "chat",
+        max_length: int = 2048,
+    ):
+        if template not in ("chat", "plain"):
+            raise ValueError(f"template must be chat or plain, got {template!r}")
+        if template == "chat" and not tokenizer.chat_template:
+            raise ValueError("template=chat but the tokenizer has no chat_template")
+        self.tokenizer = tokenizer
+        self.image_token = image_token
+        self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
+        self.tokens_per_image = tokens_per_image
+        self.image_size, self.mean, self.std = image_size, mean, std
+        self.template = template
+        self.max_length = max_length
+
+    # ------------------------------------------------------------------------------------------- text
+    def _render(self, messages: list[dict], add_generation_prompt: bool, **kw) -> dict:
+        return self.tokenizer.apply_chat_template(
+            messages, tokenize=True, return_dict=True, add_generation_prompt=add_generation_prompt, **kw
+        )
+
+    def _chat_spans(self, conv: Conversation) -> tuple[list[int], list[int]]:
+        msgs = conv.messages
+        if _GENERATION_TAG.search(self.tokenizer.chat_template or ""):
+            out = self._render(msgs, False, return_assistant_tokens_mask=True)
+            ids, mask = list(out["input_ids"]), list(out["assistant_masks"])
+            runs = sum(1 for i, m in enumerate(mask) if m and (i == 0 or not mask[i - 1]))
+            n_assistant = sum(m["role"] == "assistant" for m in msgs)
+            if runs != n_assistant:
+                raise SampleError(conv.id, f"chat template marked {runs} assistant spans for {n_assistant} turns")
+            return ids, [t if m else IGNORE_INDEX for t, m in zip(ids, mask, strict=True)]
+        # No generation tags: grow the conversation one turn at a time; each render must extend the last.
+        ids: list[int] = []
+        labels: list[int] = []
+        for i, msg in enumerate(msgs):
+            steps = [(msgs[:i], True, False)] if msg["role"] == "assistant" else []
+            steps.append((msgs[: i + 1], False, msg["role"] == "assistant"))
+            for prefix, gen_prompt, supervised in steps:
+                full = list(self._render(prefix, gen_prompt)["input_ids"])
+                if full[: len(ids)] != ids:
+                    raise SampleError(conv.id, f"chat template output for turn {i} does not extend the earlier turns")
+                new = full[len(ids) :]
+                labels += new if supervised else [IGNORE_INDEX] * len(new)
+                ids = full
+        return ids, labels
+
+    def _plain(self, conv: Conversation) -> tuple[list[int], list[int]]:
+        # LLaVA stage 1: the images, then the caption (first assistant turn); the human prompt is dropped.
+        tok = self.tokenizer
+        caption = next(m["content"] for m in conv.messages if m["role"] == "assistant")
+        head = ([tok.bos_token_id] if tok.bos_token_id is not None else []) + [self.image_token_id] * len(conv.images)
+        body = tok(caption, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        return head + body, [IGNORE_INDEX] * len(head) + body
+
+    def tokenize(self, conv: Conversation) -> tuple[list[int], list[int]]:
+        """Token ids with each `<image>` expanded to `tokens_per_image` ids, and labels (-100 = not trained)."""
+        ids, labels = self._plain(conv) if self.template == "plain" else self._chat_spans(conv)
+        return self._expand(conv, ids, labels)
+
+    def prompt_ids(self, conv: Conversation) -> list[int]:
+        """Ids for generation: every turn up to and including the last user turn, then the assistant prompt."""
+        msgs = conv.messages
+        while msgs and msgs[-1]["role"] == "assistant":
+            msgs = msgs[:-1]
+        if not msgs:
+            raise SampleError(conv.id, "no user turn to answer")
+        if self.template == "plain":
+            tok = self.tokenizer
+            ids = ([tok.bos_token_id] if tok.bos_token_id is not None else []) + [self.image_token_id] * len(
+                conv.images
+            )
+        else:
+            ids = list(self._render(msgs, True)["input_ids"])
+        return self._expand(conv, ids, None)[0]
+
+    def _expand(self, conv: Conversation, ids: list[int], labels: list[int] | None):
+        n_marks = sum(t == self.image_token_id for t in ids)
+        if n_marks != len(conv.images):
+            raise SampleError(conv.id, f"{n_marks} {self.image_token} placeholders in the text but {len(conv.images)} images")
+        out_ids: list[int] = []
+        out_labels: list[int] = []
+        for i, t in enumerate(ids):
+            if t == self.image_token_id:
+                out_ids += [t] * self.tokens_per_image
+                out_labels += [IGNORE_INDEX] * self.tokens_per_image
+            else:
+                out_ids.append(t)
+                out_labels.append(labels[i] if labels is not None else IGNORE_INDEX)
+        if len(out_ids) > self.max_length:
+            raise SampleError(conv.id, f"{len(out_ids)} tokens exceed max_length {self.max_length}")
+        if labels is not None and all(x == IGNORE_INDEX for x in out_labels):
+            raise SampleError(conv.id, "no supervised tokens")
+        return out_ids, out_labels
+
+    # ------------------------------------------------------------------------------------------- media
+    def pixels(self, conv: Conversation, image_folder: str | Path = "") -> torch.Tensor | None:
+        """(images, 3, H, W) or None for a text-only sample."""
+        if not conv.images:
+            return None
+        tensors = []
+        for item in conv.images:
+            source = item if not isinstance(item, str) else Path(image_folder) / item
+            try:
+                img = load_image(source)
+            except MediaError as err:
+                raise SampleError(conv.id, str(err)) from err
+            tensors.append(preprocess_image(img, self.image_size, self.mean, self.std))
+        return torch.stack(tensors)
