@@ -162,7 +162,9 @@ class Processor:
     def _expand(self, conv: Conversation, ids: list[int], labels: list[int] | None):
         n_marks = sum(t == self.image_token_id for t in ids)
         if n_marks != len(conv.images):
-            raise SampleError(conv.id, f"{n_marks} {self.image_token} placeholders in the text but {len(conv.images)} images")
+            raise SampleError(
+                conv.id, f"{n_marks} {self.image_token} placeholders in the text but {len(conv.images)} images"
+            )
         out_ids: list[int] = []
         out_labels: list[int] = []
         for i, t in enumerate(ids):

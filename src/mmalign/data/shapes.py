@@ -62,7 +62,9 @@ class Scene:
 
     def caption(self, rng: random.Random) -> str:
         noun = self.shape + ("s" if self.count > 1 else "")
-        return f"{rng.choice(CAPTION_PREFIXES)}{COUNTS[self.count]} {self.size} {self.color} {noun} on the {self.position}"
+        return (
+            f"{rng.choice(CAPTION_PREFIXES)}{COUNTS[self.count]} {self.size} {self.color} {noun} on the {self.position}"
+        )
 
 
 def random_scene(rng: random.Random) -> Scene:
@@ -136,7 +138,10 @@ def write_shapes_dataset(
                 turns = []
                 for j, qtype in enumerate(rng.sample(list(QUESTIONS), 3)):
                     q, a = _qa(scene, qtype, rng)
-                    turns += [{"from": "human", "value": ("<image>\n" if j == 0 else "") + q}, {"from": "gpt", "value": a}]
+                    turns += [
+                        {"from": "human", "value": ("<image>\n" if j == 0 else "") + q},
+                        {"from": "gpt", "value": a},
+                    ]
                 conversations.append({"id": f"conv-{i}", "image": name, "conversations": turns})
             else:
                 # Every question type once per held-out image, so the per-type table is balanced.
@@ -161,7 +166,12 @@ def write_shapes_dataset(
         "images": out / "images",
         "tokenizer": out / "tokenizer",
     }
-    for key, data in (("captions", captions), ("conversations", conversations), ("val", qa["val"]), ("test", qa["test"])):
+    for key, data in (
+        ("captions", captions),
+        ("conversations", conversations),
+        ("val", qa["val"]),
+        ("test", qa["test"]),
+    ):
         paths[key].write_text(json.dumps(data, indent=1))
     (out / "scenes.json").write_text(json.dumps(scenes))
     build_word_tokenizer(corpus_texts(captions + conversations + qa["val"] + qa["test"]), paths["tokenizer"])
