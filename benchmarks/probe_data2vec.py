@@ -16,9 +16,8 @@ from pathlib import Path
 import torch
 
 from mmalign.contrastive.data2vec import linear_probe, pooled_features, train_data2vec
-from mmalign.data.shapes import load_split, write_shapes_dataset
+from mmalign.data.shapes import ATTRIBUTES, load_split, write_shapes_dataset
 from mmalign.models.encoders import clip_encoder
-from mmalign.train.pretrain import ATTRIBUTES
 
 
 def main() -> None:

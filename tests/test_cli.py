@@ -60,7 +60,8 @@ def test_train_eval_generate_export_import(tmp_path, shapes, tiny_hf_llava):
     assert "position" in out
     image = f"{shapes['images']}/test_00000.png"
     out = invoke("generate", run, "--image", image, "--prompt", "what color is the shape ?", "--max-new-tokens", 3)
-    assert out.strip() == _library_answer(run, image, "<image>\nwhat color is the shape ?") or "empty answer" in out
+    expected = _library_answer(run, image, "<image>\nwhat color is the shape ?")
+    assert out.strip() == (expected or "(empty answer: the model stopped at once)")
     invoke("export", run, "--out", tmp_path / "hf")
     assert (tmp_path / "hf" / "config.json").is_file()
     invoke("import", tmp_path / "hf", "--out", tmp_path / "back")

@@ -64,3 +64,13 @@ def test_every_key_is_documented():
     rows = describe()
     assert all(help_text for _, _, help_text in rows)
     assert "train.lr" in {key for key, _, _ in rows}
+
+
+def test_string_keys_keep_the_text_and_dicts_nest():
+    cfg = apply_overrides(
+        RecipeConfig(),
+        ["data.image_folder=1.10", "train.out_dir=no", "model.llm.config.rope_scaling.factor=2", "data.val=null"],
+    )
+    assert cfg.data.image_folder == "1.10" and cfg.train.out_dir == "no"
+    assert cfg.model.llm.config == {"rope_scaling": {"factor": 2}}
+    assert cfg.data.val is None

@@ -6,7 +6,12 @@ import pytest
 import torch
 
 from mmalign.contrastive.data2vec import Data2Vec, linear_probe
-from mmalign.contrastive.evaluate import class_embeddings, retrieval_recall, zero_shot_accuracy
+from mmalign.contrastive.evaluate import (
+    class_embeddings,
+    max_over_prompts_accuracy,
+    retrieval_recall,
+    zero_shot_accuracy,
+)
 from mmalign.contrastive.wise import interpolate_weights
 from mmalign.models.encoders import clip_encoder
 
@@ -29,6 +34,16 @@ def test_zero_shot_with_prompt_ensembles():
     images = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.7, 0.3]])
     assert zero_shot_accuracy(images, classes, torch.tensor([0, 1, 0])) == 1.0
     assert zero_shot_accuracy(images, classes, torch.tensor([1, 0, 1])) == 0.0
+
+
+def test_max_over_prompts_differs_from_the_mean():
+    # Class 0 has one prompt matching the image exactly and one far away; class 1 two middling prompts.
+    image = torch.tensor([[1.0, 0.0]])
+    class0 = torch.tensor([[1.0, 0.0], [-1.0, 0.0]])
+    class1 = torch.tensor([[0.6, 0.8], [0.6, -0.8]])
+    assert max_over_prompts_accuracy(image, [class0, class1], torch.tensor([0])) == 1.0
+    mean_classes = torch.nn.functional.normalize(torch.stack([class0.mean(0), class1.mean(0)]) + 1e-9, dim=-1)
+    assert zero_shot_accuracy(image, mean_classes, torch.tensor([0])) == 0.0
 
 
 def test_lit_with_the_pretrained_minilm_learns_colour_zero_shot(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from transformers import LlavaForConditionalGeneration
 
@@ -44,14 +45,23 @@ def test_export_matches_hf_logits(tiny_hf_llava, tmp_path):
     torch.testing.assert_close(got, expected)
 
 
-def test_exported_processor_loads_and_expands_image_tokens(tiny_hf_llava, tmp_path):
+def test_exported_processor_matches_our_preprocessing(tiny_hf_llava, tmp_path):
     from PIL import Image
     from transformers import AutoProcessor
 
+    from mmalign.modalities.image import preprocess_image
+
     ours, tok, cfg = load_checkpoint(import_hf_llava(tiny_hf_llava, tmp_path / "ours"))
+    ours.encoder.mean, ours.encoder.std = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)  # non-default, to see them travel
     export_hf_llava(ours, tok, cfg, tmp_path / "hf")
     processor = AutoProcessor.from_pretrained(tmp_path / "hf")
-    image = Image.new("RGB", (40, 40), (200, 30, 30))
+    rng = torch.Generator().manual_seed(0)
+    array = (torch.rand(30, 52, 3, generator=rng) * 255).to(torch.uint8).numpy()  # not square
+    image = Image.fromarray(array, "RGB")
     enc = processor(text="<image> what color is the shape ?", images=image, return_tensors="pt")
     assert int((enc["input_ids"] == ours.image_token_id).sum()) == ours.encoder.num_tokens
-    assert enc["pixel_values"].shape[-1] == ours.encoder.image_size
+    expected = preprocess_image(image, ours.encoder.image_size, ours.encoder.mean, ours.encoder.std)
+    torch.testing.assert_close(enc["pixel_values"][0], expected, atol=1e-4, rtol=1e-4)
+    # ... and importing the export keeps the normalisation.
+    back, _, _ = load_checkpoint(import_hf_llava(tmp_path / "hf", tmp_path / "back"))
+    assert back.encoder.mean == pytest.approx(ours.encoder.mean) and back.encoder.std == pytest.approx(ours.encoder.std)

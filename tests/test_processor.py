@@ -101,6 +101,8 @@ def test_text_only_sample_has_no_image_tokens(tok):
             {"id": "e5", "conversations": RECORD["conversations"][:2]},
             "e5: 1 <image> placeholders in the text but 0 images",
         ),
+        ({"id": "e6", "conversations": ["hello", "hi"]}, "e6: conversations must be a list"),
+        ({"id": "e7", "image": 3, "conversations": RECORD["conversations"][:2]}, "e7: image must be a path"),
     ],
 )
 def test_bad_records_name_the_sample(tok, record, message):

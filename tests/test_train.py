@@ -15,6 +15,7 @@ from mmalign.data.dataset import epoch_order
 from mmalign.data.processor import SampleError
 from mmalign.models.encoders import clip_encoder, save_encoder
 from mmalign.models.llm import load_llm, load_tokenizer
+from mmalign.models.multimodal import MultimodalLM
 from mmalign.train.checkpoint import load_checkpoint
 from mmalign.train.loop import Trainer, train
 
@@ -68,8 +69,12 @@ def test_stage2_loss_falls_and_checkpoint_reloads(base, shapes, tmp_path):
     assert not any(k.startswith("encoder.") for k in keys)
     assert any(k.startswith("llm.") for k in keys) and any(k.startswith("connector.") for k in keys)
     model, _, _ = load_checkpoint(run)
-    trained = Trainer(cfg).model  # fresh build from the same paths: different connector/LLM weights
-    assert not torch.equal(model.connector.linears[0].weight, trained.connector.linears[0].weight)
+    saved = load_file(run / "model.safetensors")
+    for name, p in model.named_parameters():
+        if name in saved:
+            torch.testing.assert_close(p.detach(), saved[name])
+    fresh = Trainer(cfg).model  # the same build before training: loading must have changed the weights
+    assert not torch.equal(model.connector.linears[0].weight, fresh.connector.linears[0].weight)
 
 
 def test_stage1_checkpoint_is_only_the_connector(base, shapes, tmp_path):
@@ -145,7 +150,38 @@ def test_on_error_raise_stops_with_a_checkpoint(base, shapes, tmp_path):
     with pytest.raises(SampleError, match="missing-image: image file not found"):
         train(cfg)
     state = torch.load(tmp_path / "run/trainer_state.pt", weights_only=False)
-    assert state["state"]["step"] == 1
+    assert state["state"]["step"] == 1 and state["state"]["cursor"] == 1  # the failing batch is not consumed
+    # Resumable: after deciding to skip bad samples, the run picks up at step 1 and finishes.
+    cfg.data.on_error = "skip"
+    cfg.data.max_skip_fraction = 0.5
+    summary = train(cfg, resume=True)
+    assert summary["steps"] == 4 and summary["skipped"] == 1
+
+
+def test_crash_mid_step_resumes_at_the_interrupted_step(base, shapes, tmp_path, monkeypatch):
+    """A failure inside a step (here: the third forward) saves the last completed step, not a half-consumed one."""
+    straight = recipe(base, shapes, tmp_path / "a", max_steps=4, batch_size=4)
+    train(straight)
+    crashing = recipe(base, shapes, tmp_path / "b", max_steps=4, batch_size=4)
+    calls = {"n": 0}
+    original = MultimodalLM.forward
+
+    def flaky(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("simulated out-of-memory")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(MultimodalLM, "forward", flaky)
+    with pytest.raises(RuntimeError, match="simulated"):
+        train(crashing)
+    monkeypatch.setattr(MultimodalLM, "forward", original)
+    state = torch.load(tmp_path / "b/run/trainer_state.pt", weights_only=False)["state"]
+    assert state["step"] == 2 and state["cursor"] == 2
+    train(crashing, resume=True)
+    a, b = load_file(tmp_path / "a/run/model.safetensors"), load_file(tmp_path / "b/run/model.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k])
 
 
 def test_lora_trains_only_adapters_and_reloads_identically(base, shapes, tmp_path):

@@ -75,17 +75,17 @@ def data_cmd(
 def pretrain(
     data: Path = typer.Option(Path("data/shapes"), help="Embedded dataset folder (from `mmalign data`)."),
     out: Path = typer.Option(Path("runs/quickstart/base"), help="Writes encoder/ and lm/ here."),
-    vision_steps: int = typer.Option(400, help="Optimizer steps for the vision tower."),
+    vision: str = typer.Option("contrastive", help="contrastive (LiT vs the pretrained MiniLM) or supervised."),
+    vision_steps: int = typer.Option(None, help="Optimizer steps for the vision tower (600 LiT, 400 supervised)."),
     lm_steps: int = typer.Option(200, help="Optimizer steps for the LM."),
     seed: int = typer.Option(0, help="Seed."),
 ) -> None:
-    """Stage 0 for the embedded default: pretrain the tiny vision tower and tiny LM (saved as HF folders)."""
+    """Stage 0 for the embedded default, exactly as the quickstart runs it: the tiny vision tower and tiny LM,
+    saved as HF folders that the shapes recipes load (model.encoder.path, model.llm.path)."""
     _quiet_transformers()
-    from mmalign.train.pretrain import pretrain_lm, pretrain_vision
+    from mmalign.quickstart import pretrain_base
 
-    console.print(pretrain_vision(data, out / "encoder", steps=vision_steps, seed=seed, console=console))
-    texts = [data / "captions_train.json", data / "conversations_train.json"]
-    console.print(pretrain_lm(texts, data / "tokenizer", out / "lm", steps=lm_steps, seed=seed, console=console))
+    pretrain_base(data, out, vision=vision, vision_steps=vision_steps, lm_steps=lm_steps, seed=seed, console=console)
 
 
 @app.command()

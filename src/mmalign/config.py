@@ -60,6 +60,9 @@ class DataConfig:
     val: str | None = _f(None, "LLaVA-format JSON/JSONL for validation loss")
     image_folder: str = _f("", "folder that the `image` paths are relative to")
     template: str = _f("chat", "plain (stage 1: <image> caption) | chat (the tokenizer's chat template)")
+    chat_template: str | None = _f(
+        None, "Jinja chat template replacing the tokenizer's (for LLMs that ship none); saved with the checkpoint"
+    )
     max_length: int = _f(512, "longest tokenized sample, image tokens included")
     on_error: str = _f("skip", "bad sample: skip (count and go on) | raise (save a checkpoint, then stop)")
     max_skip_fraction: float = _f(0.1, "stop when more than this fraction of samples seen were skipped")
@@ -168,8 +171,14 @@ def _convert(value: Any, hint: Any, key: str) -> Any:
 
 
 def _coerce(text: str, hint: Any, key: str) -> Any:
-    """Turn the text of `key=value` into the field's type; YAML syntax covers lists, dicts and None."""
-    return _convert(yaml.safe_load(text), hint, key)
+    """Turn the text of `key=value` into the field's type; YAML syntax covers lists, dicts and None. A string
+    field keeps the text as typed (YAML would turn `1.10` into 1.1 and `no` into False)."""
+    value = yaml.safe_load(text)
+    origin = typing.get_origin(hint)
+    allowed = typing.get_args(hint) if origin in (typing.Union, types.UnionType) else (hint,)
+    if str in allowed and not (value is None and type(None) in allowed):
+        return text
+    return _convert(value, hint, key)
 
 
 def apply_overrides(cfg: Any, overrides: list[str]) -> Any:
@@ -181,6 +190,9 @@ def apply_overrides(cfg: Any, overrides: list[str]) -> Any:
         *parents, leaf = key.strip().split(".")
         node = cfg
         for p in parents:
+            if isinstance(node, dict):  # inside a free-form dict such as llm.config: create levels as needed
+                node = node.setdefault(p, {})
+                continue
             if not dataclasses.is_dataclass(node) or not hasattr(node, p):
                 raise KeyError(f"unknown config key {key!r}")
             node = getattr(node, p)

@@ -34,6 +34,41 @@ def _fmt(acc: dict) -> str:
     return ", ".join(f"{k} {v:.0%}" for k, v in acc.items())
 
 
+def pretrain_base(
+    data: str | Path,
+    out: str | Path,
+    *,
+    vision: str = "contrastive",
+    vision_steps: int | None = None,
+    lm_steps: int = 200,
+    seed: int = 0,
+    console: Console | None = None,
+    progress: bool = True,
+) -> None:
+    """Stage 0 for the embedded default: writes out/encoder (vision tower) and out/lm (LM + tokenizer)."""
+    from mmalign.contrastive.train import train_lit
+    from mmalign.train.pretrain import pretrain_lm, pretrain_vision
+
+    console = console or Console()
+    data, out = Path(data), Path(out)
+    if vision == "contrastive":
+        lit = train_lit(data, out / "contrastive", steps=vision_steps or 600, seed=seed, console=console,
+                        progress=progress)  # fmt: skip
+        shutil.copytree(lit["image_encoder"], out / "encoder", dirs_exist_ok=True)
+        console.print(
+            f"vision tower (LiT vs the locked MiniLM text tower): held-out zero-shot {_fmt(lit['zero_shot'])}, "
+            f"image-to-text R@1 {lit['retrieval']['image_to_text_R@1']:.0%}"
+        )
+    elif vision == "supervised":
+        sup = pretrain_vision(data, out / "encoder", steps=vision_steps or 400, seed=seed, console=console,
+                              progress=progress)  # fmt: skip
+        console.print(f"vision tower: held-out attribute accuracy {_fmt(sup['val_accuracy'])}")
+    else:
+        raise ValueError(f"vision must be contrastive or supervised, got {vision!r}")
+    texts = [data / "captions_train.json", data / "conversations_train.json"]
+    pretrain_lm(texts, data / "tokenizer", out / "lm", steps=lm_steps, seed=seed, console=console, progress=progress)
+
+
 def run_quickstart(
     out: str | Path = "runs/quickstart",
     data: str | Path = "data/shapes",
@@ -51,12 +86,10 @@ def run_quickstart(
 ) -> dict:
     """Stage 0, 1 and 2 on the embedded shapes data, then test accuracy vs a blind baseline. The size arguments
     shrink the run (tests use them); the defaults are what the README reports."""
-    from mmalign.contrastive.train import train_lit
     from mmalign.data.shapes import write_shapes_dataset
     from mmalign.evaluate import evaluate_vqa, majority_baseline
     from mmalign.train.checkpoint import load_checkpoint
     from mmalign.train.loop import make_processor, train
-    from mmalign.train.pretrain import pretrain_lm, pretrain_vision
 
     console = console or Console()
     out, data = Path(out), Path(data)
@@ -65,31 +98,8 @@ def run_quickstart(
         console.print(f"[bold]writing the embedded shapes dataset[/] to {data}")
         write_shapes_dataset(data, n_train=n_train, seed=seed)
     console.print("[bold]stage 0[/]: pretraining the tiny vision tower and the tiny LM on the embedded data")
-    if vision == "contrastive":
-        lit = train_lit(
-            data, out / "base/contrastive", steps=vision_steps or 600, seed=seed, console=console, progress=progress
-        )
-        shutil.copytree(lit["image_encoder"], out / "base/encoder", dirs_exist_ok=True)
-        console.print(
-            f"vision tower (LiT vs the locked MiniLM text tower): held-out zero-shot {_fmt(lit['zero_shot'])}, "
-            f"image-to-text R@1 {lit['retrieval']['image_to_text_R@1']:.0%}"
-        )
-    elif vision == "supervised":
-        sup = pretrain_vision(
-            data, out / "base/encoder", steps=vision_steps or 400, seed=seed, console=console, progress=progress
-        )
-        console.print(f"vision tower: held-out attribute accuracy {_fmt(sup['val_accuracy'])}")
-    else:
-        raise ValueError(f"vision must be contrastive or supervised, got {vision!r}")
-    pretrain_lm(
-        [data / "captions_train.json", data / "conversations_train.json"],
-        data / "tokenizer",
-        out / "base/lm",
-        steps=lm_steps,
-        seed=seed,
-        console=console,
-        progress=progress,
-    )
+    pretrain_base(data, out / "base", vision=vision, vision_steps=vision_steps, lm_steps=lm_steps, seed=seed,
+                  console=console, progress=progress)  # fmt: skip
     common = [
         f"model.encoder.path={out / 'base/encoder'}",
         f"model.llm.path={out / 'base/lm'}",

@@ -49,10 +49,13 @@ class Data2Vec(nn.Module):
     def _run(self, encoder: nn.Module, x: torch.Tensor, mask: torch.Tensor | None) -> list[torch.Tensor]:
         """All block outputs (each (B, T, D)); masked patches are swapped for the mask token before the blocks."""
         body, blocks = _blocks(encoder)
-        h = body.embeddings(x)  # (B, T, D), T = CLS + patches for CLIP
+        h = body.embeddings(x)  # (B, T, D), T = CLS + patches for CLIP; position embeddings already added
         if mask is not None:
             patches = h[:, 1:] if self.has_cls else h
-            patches = torch.where(mask.unsqueeze(-1), self.mask_token.to(h.dtype), patches)
+            # The mask token gets its patch's position embedding, so the student knows where to predict.
+            positions = body.embeddings.position_embedding.weight[-patches.shape[1] :]  # (patches, D)
+            masked = (self.mask_token + positions).to(h.dtype)
+            patches = torch.where(mask.unsqueeze(-1), masked.unsqueeze(0), patches)
             h = torch.cat([h[:, :1], patches], dim=1) if self.has_cls else patches
         if hasattr(body, "pre_layrnorm"):
             h = body.pre_layrnorm(h)

@@ -20,6 +20,13 @@ def zero_shot_accuracy(media_emb: torch.Tensor, class_emb: torch.Tensor, labels:
     return (media_emb @ class_emb.T).argmax(-1).eq(labels).float().mean().item()
 
 
+def max_over_prompts_accuracy(media_emb: torch.Tensor, prompt_embs: list[torch.Tensor], labels: torch.Tensor) -> float:
+    """Each class scores by its best-matching prompt: prompt_embs[c] is (prompts_c, E). For text towers whose
+    sentence embeddings entangle the words, where the mean over prompts blurs the class."""
+    scores = torch.stack([(media_emb @ p.T).amax(-1) for p in prompt_embs], dim=-1)  # (N, C)
+    return scores.argmax(-1).eq(labels).float().mean().item()
+
+
 def retrieval_recall(media_emb: torch.Tensor, text_emb: torch.Tensor, ks: tuple[int, ...] = (1, 5, 10)) -> dict:
     """Row i of each is a matching pair. A query counts as found at K if its partner ranks in the top K; texts
     identical to the partner count as the partner (shapes captions repeat)."""

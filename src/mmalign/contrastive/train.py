@@ -18,14 +18,14 @@ from rich.progress import Progress
 from safetensors.torch import save_file
 
 from mmalign.contrastive.augment import Augment
-from mmalign.contrastive.evaluate import retrieval_recall
+from mmalign.contrastive.evaluate import max_over_prompts_accuracy, retrieval_recall
 from mmalign.contrastive.losses import ClipLoss, SigLipLoss
 from mmalign.contrastive.model import DualEncoder, PooledEncoder, TextTower, minilm_path
-from mmalign.data.shapes import COLORS, SHAPES, Scene, load_split
+from mmalign.data.shapes import ATTRIBUTES, Scene, load_split
 from mmalign.models.encoders import clip_encoder, save_encoder
 from mmalign.train.optim import decay_groups, warmup_cosine
 
-ATTRIBUTE_VALUES = {"color": list(COLORS), "shape": SHAPES}
+ZERO_SHOT_ATTRIBUTES = ("color", "shape")
 
 
 def caption_templates(attribute: str, value: str) -> list[str]:
@@ -34,10 +34,7 @@ def caption_templates(attribute: str, value: str) -> list[str]:
     looked at, so the classifier is still zero-shot."""
     import itertools
 
-    from mmalign.data.shapes import COUNTS, POSITIONS, SIZES
-
-    grid = {"color": list(COLORS), "shape": SHAPES, "size": list(SIZES), "count": list(COUNTS), "position": POSITIONS}
-    grid[attribute] = [value]
+    grid = {**ATTRIBUTES, attribute: [value]}
     keys = list(grid)
     return [
         Scene(**dict(zip(keys, combo, strict=True))).caption(random.Random(0))
@@ -63,13 +60,13 @@ def evaluate_lit(model: DualEncoder, text: TextTower, data_dir: str | Path) -> t
     test_pixels, test_scenes = load_split(data_dir, "test", model.media_tower.encoder)
     media = model.embed_media(test_pixels)
     zero_shot = {}
-    for attribute, values in ATTRIBUTE_VALUES.items():
+    for attribute in ZERO_SHOT_ATTRIBUTES:
+        values = ATTRIBUTES[attribute]
         # A caption's embedding entangles its words, so each class is scored by its best-matching sentence
         # (max over the prompt ensemble) rather than by the ensemble's mean.
         prompts = [model.embed_text_features(text.encode(caption_templates(attribute, v))) for v in values]
-        scores = torch.stack([(media @ p.T).amax(-1) for p in prompts], dim=-1)  # (N, classes)
         labels = torch.tensor([values.index(s[attribute]) for s in test_scenes])
-        zero_shot[attribute] = scores.argmax(-1).eq(labels).float().mean().item()
+        zero_shot[attribute] = max_over_prompts_accuracy(media, prompts, labels)
     test_captions = [Scene(**s).caption(random.Random(0)) for s in test_scenes]
     return zero_shot, retrieval_recall(media, model.embed_text_features(text.encode(test_captions)))
 

@@ -54,10 +54,14 @@ def read_records(path: str | Path) -> list[dict]:
 
 def parse_record(record: dict, index: int) -> Conversation:
     """Validate one LLaVA record: `id`, optional `image` (path or list), `conversations` of {from, value}."""
+    if not isinstance(record, dict):
+        raise SampleError(f"#{index}", f"expected a JSON object, got {type(record).__name__}")
     sample_id = record.get("id", f"#{index}")
     turns = record.get("conversations")
     if not turns:
         raise SampleError(sample_id, "empty conversation")
+    if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
+        raise SampleError(sample_id, "conversations must be a list of {from, value} objects")
     messages = []
     for turn in turns:
         role = ROLES.get(turn.get("from", ""))
@@ -67,7 +71,9 @@ def parse_record(record: dict, index: int) -> Conversation:
     if not any(m["role"] == "assistant" for m in messages):
         raise SampleError(sample_id, "conversation has no assistant (gpt) turn")
     image = record.get("image")
-    images = [] if image is None else [image] if isinstance(image, str) else list(image)
+    images = [] if image is None else [image] if isinstance(image, str) else image
+    if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
+        raise SampleError(sample_id, f"image must be a path or a list of paths, got {image!r}")
     meta = {k: v for k, v in record.items() if k not in ("id", "image", "conversations")}
     return Conversation(id=sample_id, images=images, messages=messages, meta=meta)
 
@@ -134,9 +140,13 @@ class Processor:
         # LLaVA stage 1: the images, then the caption (first assistant turn); the human prompt is dropped.
         tok = self.tokenizer
         caption = next(m["content"] for m in conv.messages if m["role"] == "assistant")
-        head = ([tok.bos_token_id] if tok.bos_token_id is not None else []) + [self.image_token_id] * len(conv.images)
+        head = self._plain_head(conv)
         body = tok(caption, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
         return head + body, [IGNORE_INDEX] * len(head) + body
+
+    def _plain_head(self, conv: Conversation) -> list[int]:
+        bos = self.tokenizer.bos_token_id
+        return ([bos] if bos is not None else []) + [self.image_token_id] * len(conv.images)
 
     def tokenize(self, conv: Conversation) -> tuple[list[int], list[int]]:
         """Token ids with each `<image>` expanded to `tokens_per_image` ids, and labels (-100 = not trained)."""
@@ -151,10 +161,7 @@ class Processor:
         if not msgs:
             raise SampleError(conv.id, "no user turn to answer")
         if self.template == "plain":
-            tok = self.tokenizer
-            ids = ([tok.bos_token_id] if tok.bos_token_id is not None else []) + [self.image_token_id] * len(
-                conv.images
-            )
+            ids = self._plain_head(conv)
         else:
             ids = list(self._render(msgs, True)["input_ids"])
         return self._expand(conv, ids, None)[0]

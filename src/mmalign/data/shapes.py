@@ -31,6 +31,15 @@ SIZES = {"small": 5, "large": 9}
 COUNTS = {1: "one", 2: "two", 3: "three"}
 POSITIONS = ["left", "right"]
 
+# Every scene attribute and its values, in a fixed order (class indices for probes and heads).
+ATTRIBUTES = {
+    "color": list(COLORS),
+    "shape": SHAPES,
+    "size": list(SIZES),
+    "count": list(COUNTS),
+    "position": POSITIONS,
+}
+
 QUESTIONS = {
     "color": ["what color is the shape ?", "what colour are the objects ?", "which color do you see ?"],
     "shape": ["what shape is shown ?", "which shape do you see ?", "what kind of shape is it ?"],

@@ -15,6 +15,7 @@ from torch import nn
 from mmalign.config import ConnectorConfig, EncoderConfig, LLMConfig, ModelConfig
 from mmalign.models.builder import build_model
 from mmalign.models.connectors import MLPProjector
+from mmalign.models.encoders import read_image_norm
 from mmalign.models.multimodal import MultimodalLM
 from mmalign.train.checkpoint import save_checkpoint
 
@@ -65,9 +66,9 @@ def export_hf_llava(model: MultimodalLM, tokenizer, model_cfg: ModelConfig, out:
     out = Path(out)
     hf.save_pretrained(out)
     size = enc.image_size
-    image_processor = CLIPImageProcessor(
-        size={"shortest_edge": size},
-        crop_size={"height": size, "width": size},
+    image_processor = CLIPImageProcessor(  # resize straight to a square, no crop: as mmalign preprocesses
+        size={"height": size, "width": size},
+        do_center_crop=False,
         image_mean=list(enc.mean),
         image_std=list(enc.std),
         resample=3,  # bicubic, as mmalign preprocesses
@@ -85,14 +86,6 @@ def export_hf_llava(model: MultimodalLM, tokenizer, model_cfg: ModelConfig, out:
     return out
 
 
-def _read_norm(src: Path) -> dict:
-    f = src / "preprocessor_config.json"
-    if not f.is_file():
-        return {}
-    data = json.loads(f.read_text())
-    return {k: data[k] for k in ("image_mean", "image_std") if k in data}
-
-
 def import_hf_llava(src: str | Path, out: str | Path) -> Path:
     """Read a LlavaForConditionalGeneration folder into an mmalign checkpoint folder (self-contained)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlavaForConditionalGeneration
@@ -107,6 +100,8 @@ def import_hf_llava(src: str | Path, out: str | Path) -> Path:
         family = "siglip"
     else:
         raise ValueError(f"unsupported Llava vision tower {vision_type!r}; supported: CLIP, SigLIP")
+    if family == "siglip" and cfg.vision_feature_select_strategy == "default":
+        raise ValueError("a SigLIP Llava with strategy 'default' drops a patch token; mmalign keeps every patch")
     if not isinstance(cfg.vision_feature_layer, int):
         raise ValueError(f"vision_feature_layer={cfg.vision_feature_layer}: only a single layer is supported")
     if cfg.projector_hidden_act != "gelu":
@@ -114,9 +109,9 @@ def import_hf_llava(src: str | Path, out: str | Path) -> Path:
 
     tower_dir, llm_dir = out / "encoder", out / "llm"
     tower = hf.model.vision_tower
-    norm = _read_norm(src)
+    norm = read_image_norm(src)
     tower.save_pretrained(tower_dir)
-    (tower_dir / "mmalign_image.json").write_text(json.dumps(norm))
+    (tower_dir / "mmalign_image.json").write_text(json.dumps({k: list(v) for k, v in norm.items()}))
     tokenizer = AutoTokenizer.from_pretrained(src)
     text = AutoModelForCausalLM.from_config(cfg.text_config)
     text.get_decoder().load_state_dict(hf.model.language_model.state_dict())

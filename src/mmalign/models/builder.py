@@ -11,6 +11,17 @@ from mmalign.models.llm import load_llm, load_tokenizer
 from mmalign.models.multimodal import MultimodalLM
 from mmalign.registry import CONNECTORS, ENCODERS
 
+DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# Logit transforms some LLMs apply after the LM head; the sparse-loss path calls the head directly.
+UNSUPPORTED_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
+
+def check_llm(llm: nn.Module) -> None:
+    for name in UNSUPPORTED_LOGIT_TRANSFORMS:
+        value = getattr(llm.config, name, None)
+        if value not in (None, 1, 1.0):
+            raise NotImplementedError(f"LLM config sets {name}={value}; mmalign does not apply it yet")
+
 
 def apply_lora(llm: nn.Module, lora: dict) -> nn.Module:
     """Wrap the LLM (only the LLM: the encoder never gets adapters) with PEFT LoRA."""
@@ -20,7 +31,7 @@ def apply_lora(llm: nn.Module, lora: dict) -> nn.Module:
         r=lora.get("r", 16),
         lora_alpha=lora.get("alpha", 32),
         lora_dropout=lora.get("dropout", 0.05),
-        target_modules=list(lora["targets"]),
+        target_modules=list(lora.get("targets", DEFAULT_LORA_TARGETS)),
         bias="none",
     )
     return get_peft_model(llm, config)
@@ -39,6 +50,7 @@ def build_model(cfg: ModelConfig, tokenizer=None) -> tuple[MultimodalLM, object]
         keep_cls=enc.keep_cls,
     )
     llm = load_llm(cfg.llm, vocab_size=len(tokenizer))
+    check_llm(llm)
     hidden = llm.get_input_embeddings().embedding_dim
     connector = CONNECTORS.build(
         cfg.connector.name, in_dim=encoder.hidden_size, out_dim=hidden, bias=cfg.connector.bias

@@ -79,13 +79,18 @@ class VisionEncoder(nn.Module):
         return x
 
 
-def _read_norm(path: Path, default_mean, default_std) -> tuple[tuple, tuple]:
-    for name in ("preprocessor_config.json", "mmalign_image.json"):
-        f = path / name
-        if f.exists():
+def read_image_norm(path: Path) -> dict:
+    """image_mean/image_std saved beside a tower: by mmalign, by an image processor, or inside a processor config
+    (transformers 5 nests the image processor there)."""
+    for name in ("mmalign_image.json", "preprocessor_config.json", "processor_config.json"):
+        f = Path(path) / name
+        if f.is_file():
             data = json.loads(f.read_text())
-            return tuple(data.get("image_mean", default_mean)), tuple(data.get("image_std", default_std))
-    return default_mean, default_std
+            data = data.get("image_processor", data)
+            norm = {k: tuple(data[k]) for k in ("image_mean", "image_std") if k in data}
+            if norm:
+                return norm
+    return {}
 
 
 def _build(family: str, path: str | None, preset: str | None, config: dict, feature_layer: int, keep_cls: bool):
@@ -99,7 +104,8 @@ def _build(family: str, path: str | None, preset: str | None, config: dict, feat
         if not Path(path).exists():
             raise FileNotFoundError(f"encoder path {path} does not exist")
         tower = model_cls.from_pretrained(path)
-        mean, std = _read_norm(Path(path), default_mean, default_std)
+        norm = read_image_norm(Path(path))
+        mean, std = norm.get("image_mean", default_mean), norm.get("image_std", default_std)
     else:
         if preset and preset not in PRESETS:
             raise KeyError(f"unknown encoder preset {preset!r}; known: {sorted(PRESETS)}")

@@ -37,8 +37,10 @@ def resolved_model_config(cfg: ModelConfig) -> ModelConfig:
     return out
 
 
-def weights_to_save(model: MultimodalLM, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+def weights_to_save(model: MultimodalLM, cfg: ModelConfig, extra_groups=()) -> dict[str, torch.Tensor]:
+    """Trainable parameters, plus whole groups with nothing to reload from (no path, or given in extra_groups)."""
     fresh = {"encoder": cfg.encoder.path is None, "llm": cfg.llm.path is None, "connector": True}
+    fresh.update({g: True for g in extra_groups})
     out, seen = {}, set()
     for name, p in model.named_parameters():
         group = name.split(".", 1)[0]
@@ -55,12 +57,13 @@ def save_checkpoint(
     model_cfg: ModelConfig,
     recipe: RecipeConfig | None = None,
     trainer_state: dict | None = None,
+    extra_groups=(),
 ) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     # Write to temporary names, then rename: a run killed mid-save keeps its previous checkpoint.
     tmp = out / f"{WEIGHTS}.tmp"
-    save_file(weights_to_save(model, model_cfg), tmp, metadata={"format": "pt"})
+    save_file(weights_to_save(model, model_cfg, extra_groups), tmp, metadata={"format": "pt"})
     os.replace(tmp, out / WEIGHTS)
     save_yaml(resolved_model_config(model_cfg), out / MODEL_CONFIG)
     if recipe is not None:

@@ -44,6 +44,8 @@ def autocast_for(precision: str, device: torch.device):
 
 
 def make_processor(tokenizer, model: MultimodalLM, cfg: RecipeConfig) -> Processor:
+    if cfg.data.chat_template:
+        tokenizer.chat_template = cfg.data.chat_template
     enc = model.encoder
     return Processor(
         tokenizer,
@@ -101,7 +103,11 @@ class Trainer:
             }
         self.model, self.tokenizer = build_model(self.model_cfg)
         if t.init_from:
-            load_weights(self.model, t.init_from)
+            loaded = load_weights(self.model, t.init_from)
+            # Parts that came from init_from (e.g. an LLM tuned earlier) cannot be reloaded from their `path`.
+            self.saved_groups = sorted({name.split(".", 1)[0] for name in loaded})
+        else:
+            self.saved_groups = []
         set_trainable(self.model, t.trainable, t.finetune)
         self.model.to(self.device).train()
         processor = make_processor(self.tokenizer, self.model, cfg)
@@ -120,6 +126,7 @@ class Trainer:
         self.state = {"step": 0, "epoch": 0, "cursor": 0, "seen": 0, "skipped": 0}
         if resume:
             self._restore()
+        self._commit()
 
     # ------------------------------------------------------------------------------------------ state
     def _restore(self) -> None:
@@ -132,16 +139,28 @@ class Trainer:
         self.scheduler.load_state_dict(saved["scheduler"])
         self.state = saved["state"]
         torch.set_rng_state(saved["rng"])
+        if saved.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(saved["cuda_rng"])
         self.console.print(f"resumed {self.out} at step {self.state['step']}/{self.total_steps}")
 
+    def _commit(self) -> None:
+        """Remember the data position and RNG after the last completed step: what a crash mid-step saves, so a
+        resumed run replays the interrupted step's batches instead of skipping them."""
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+        self._committed = (dict(self.state), torch.get_rng_state(), cuda)
+
     def save(self) -> Path:
+        state, rng, cuda_rng = self._committed
         trainer_state = {
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "state": dict(self.state),
-            "rng": torch.get_rng_state(),
+            "state": state,
+            "rng": rng,
+            "cuda_rng": cuda_rng,
         }
-        return save_checkpoint(self.out, self.model, self.tokenizer, self.model_cfg, self.cfg, trainer_state)
+        return save_checkpoint(
+            self.out, self.model, self.tokenizer, self.model_cfg, self.cfg, trainer_state, self.saved_groups
+        )
 
     # ------------------------------------------------------------------------------------------ data
     def batches(self):
@@ -225,11 +244,12 @@ class Trainer:
                     self.scheduler.step()
                     self.optimizer.zero_grad(set_to_none=True)
                     self.state["step"] += 1
+                    self._commit()
                     step, last_loss = self.state["step"], loss_total / n_tokens
                     lr = self.scheduler.get_last_lr()[0]
                     tps = tokens / max(time.time() - start, 1e-9)
                     bar.update(task, advance=1, info=f"loss {last_loss:.4f} lr {lr:.2e} {tps:,.0f} tok/s")
-                    if step % t.log_every == 0 or step == self.total_steps:
+                    if (t.log_every and step % t.log_every == 0) or step == self.total_steps:
                         self._log({"step": step, "loss": last_loss, "lr": lr, "tokens_per_s": tps})
                     if self.val_loader and t.eval_every and step % t.eval_every == 0 and step < self.total_steps:
                         val_loss = evaluate_loss(self.model, self.val_loader, self.device, t.precision)
@@ -237,12 +257,11 @@ class Trainer:
                     if t.save_every and step % t.save_every == 0 and step < self.total_steps:
                         self.save()
         except (Exception, KeyboardInterrupt) as err:
-            if self.state["step"] > 0:
-                self.save()
-                self.console.print(
-                    f"[red]stopped at step {self.state['step']}[/] ({type(err).__name__}); "
-                    f"saved {self.out}, continue with --resume"
-                )
+            self.save()  # weights and optimizer are those of the last completed step, like the saved position
+            self.console.print(
+                f"[red]stopped at step {self._committed[0]['step']}[/] ({type(err).__name__}); "
+                f"saved {self.out}, continue with --resume"
+            )
             raise
         if self.val_loader:
             val_loss = evaluate_loss(self.model, self.val_loader, self.device, t.precision)

@@ -13,18 +13,14 @@ from mmalign.models.multimodal import MultimodalLM
 def build_optimizer(model: MultimodalLM, cfg: TrainConfig) -> torch.optim.Optimizer:
     """Weight decay only on >= 2-D weights (never biases, norms, gates or temperatures); the connector may have its
     own learning rate (LLaVA's mm_projector_lr)."""
-    groups: dict[tuple[bool, bool], list] = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        is_connector = name.startswith("connector.")
-        groups.setdefault((is_connector, p.ndim >= 2), []).append(p)
-    if not groups:
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not trainable:
         raise ValueError(f"no trainable parameters (train.trainable={cfg.trainable})")
+    connector = [p for n, p in trainable if n.startswith("connector.")]
+    rest = [p for n, p in trainable if not n.startswith("connector.")]
     param_groups = []
-    for (is_connector, decay), params in groups.items():
-        lr = cfg.connector_lr if (is_connector and cfg.connector_lr) else cfg.lr
-        param_groups.append({"params": params, "lr": lr, "weight_decay": cfg.weight_decay if decay else 0.0})
+    for params, lr in ((connector, cfg.connector_lr or cfg.lr), (rest, cfg.lr)):
+        param_groups += [g | {"lr": lr} for g in decay_groups(params, cfg.weight_decay) if g["params"]]
     fused = torch.cuda.is_available() and all(p.is_cuda for g in param_groups for p in g["params"])
     return torch.optim.AdamW(param_groups, betas=tuple(cfg.betas), fused=fused or None)
 

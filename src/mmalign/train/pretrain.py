@@ -17,19 +17,11 @@ from rich.progress import Progress
 from torch import nn
 
 from mmalign.config import LLMConfig
-from mmalign.data.processor import read_records
-from mmalign.data.shapes import COLORS, COUNTS, POSITIONS, SHAPES, SIZES, load_split
+from mmalign.data.processor import parse_record, read_records
+from mmalign.data.shapes import ATTRIBUTES, load_split
 from mmalign.models.encoders import VisionEncoder, clip_encoder, save_encoder
 from mmalign.models.llm import load_llm, load_tokenizer
 from mmalign.train.optim import warmup_cosine
-
-ATTRIBUTES = {
-    "color": list(COLORS),
-    "shape": SHAPES,
-    "size": list(SIZES),
-    "count": list(COUNTS),
-    "position": POSITIONS,
-}
 
 TINY_LLAMA = dict(
     model_type="llama",
@@ -114,14 +106,8 @@ def lm_corpus(paths: list[str | Path], image_token: str = "<image>") -> list[lis
     convs = []
     for path in paths:
         for rec in read_records(path):
-            msgs = [
-                {
-                    "role": "user" if t["from"] == "human" else "assistant",
-                    "content": t["value"].replace(image_token, "").strip(),
-                }
-                for t in rec["conversations"]
-            ]
-            convs.append(msgs)
+            conv = parse_record(rec, len(convs))
+            convs.append([{**m, "content": m["content"].replace(image_token, "").strip()} for m in conv.messages])
     return convs
 
 
