@@ -199,3 +199,14 @@ def test_lora_trains_only_adapters_and_reloads_identically(base, shapes, tmp_pat
         torch.testing.assert_close(
             reloaded(ids, pixel_values=pixels)["logits"], trainer.model(ids, pixel_values=pixels)["logits"]
         )
+
+
+def test_resume_refuses_weights_and_state_from_different_steps(base, shapes, tmp_path):
+    cfg = recipe(base, shapes, tmp_path, max_steps=2)
+    train(cfg)
+    state_file = tmp_path / "run/trainer_state.pt"
+    saved = torch.load(state_file, weights_only=False)
+    saved["state"]["step"] = 1  # as if the run died between writing the weights and the trainer state
+    torch.save(saved, state_file)
+    with pytest.raises(RuntimeError, match="weights are from step 2 but trainer_state.pt from step 1"):
+        Trainer(cfg, resume=True)

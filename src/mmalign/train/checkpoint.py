@@ -63,7 +63,10 @@ def save_checkpoint(
     out.mkdir(parents=True, exist_ok=True)
     # Write to temporary names, then rename: a run killed mid-save keeps its previous checkpoint.
     tmp = out / f"{WEIGHTS}.tmp"
-    save_file(weights_to_save(model, model_cfg, extra_groups), tmp, metadata={"format": "pt"})
+    metadata = {"format": "pt"}
+    if trainer_state is not None:  # lets resume check that weights and trainer state belong together
+        metadata["step"] = str(trainer_state["state"]["step"])
+    save_file(weights_to_save(model, model_cfg, extra_groups), tmp, metadata=metadata)
     os.replace(tmp, out / WEIGHTS)
     save_yaml(resolved_model_config(model_cfg), out / MODEL_CONFIG)
     if recipe is not None:
@@ -73,6 +76,15 @@ def save_checkpoint(
         torch.save(trainer_state, out / f"{TRAINER_STATE}.tmp")
         os.replace(out / f"{TRAINER_STATE}.tmp", out / TRAINER_STATE)
     return out
+
+
+def weights_step(path: str | Path) -> int | None:
+    """The training step stamped into a checkpoint's weights file, if any."""
+    from safetensors import safe_open
+
+    with safe_open(str(Path(path) / WEIGHTS), framework="pt") as f:
+        step = (f.metadata() or {}).get("step")
+    return None if step is None else int(step)
 
 
 def load_weights(model: MultimodalLM, path: str | Path, strict_keys: bool = True) -> list[str]:

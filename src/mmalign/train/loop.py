@@ -20,7 +20,7 @@ from mmalign.data.dataset import Collator, ConversationDataset, epoch_order
 from mmalign.data.processor import Processor, SampleError
 from mmalign.models.builder import build_model
 from mmalign.models.multimodal import MultimodalLM
-from mmalign.train.checkpoint import TRAINER_STATE, load_weights, save_checkpoint
+from mmalign.train.checkpoint import TRAINER_STATE, load_weights, save_checkpoint, weights_step
 from mmalign.train.freeze import count_parameters, set_trainable
 from mmalign.train.optim import build_optimizer, warmup_cosine
 
@@ -134,6 +134,12 @@ class Trainer:
         if not path.is_file():
             raise FileNotFoundError(f"--resume: no {TRAINER_STATE} in {self.out}; nothing to resume")
         saved = torch.load(path, weights_only=False)
+        stamped = weights_step(self.out)
+        if stamped is not None and stamped != saved["state"]["step"]:
+            raise RuntimeError(
+                f"{self.out}: weights are from step {stamped} but {TRAINER_STATE} from step {saved['state']['step']}"
+                " (a save was cut short); restart the run or restore a consistent copy"
+            )
         load_weights(self.model, self.out)
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
