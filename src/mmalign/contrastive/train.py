@@ -163,6 +163,7 @@ def train_lit(
     save_file({k: v.contiguous() for k, v in heads.items()}, out / "heads.safetensors")
     result = {
         "loss": loss,
+        "embed_dim": embed_dim,
         "first_loss": losses[0],
         "last_loss": losses[-1],
         "zero_shot": zero_shot,
