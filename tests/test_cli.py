@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from mmalign.cli import app
 
 runner = CliRunner()
-COMMANDS = ["quickstart", "data", "pretrain", "train", "eval", "generate", "export", "import"]
+COMMANDS = ["quickstart", "data", "pretrain", "contrastive", "bind", "train", "eval", "generate", "export", "import"]
 
 
 def invoke(*args):

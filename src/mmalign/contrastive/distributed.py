@@ -7,6 +7,24 @@ import torch
 import torch.distributed as dist
 
 
+def init_distributed() -> tuple[int, int]:
+    """Join the process group torchrun describes (WORLD_SIZE > 1): nccl on GPUs, gloo on CPU. Returns (rank, world)."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return rank_and_world()
+
+
+def average_gradients(params) -> None:
+    """Mean of every gradient over ranks, as DDP would do (all ranks must call it with the same parameters)."""
+    _, world = rank_and_world()
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+            p.grad /= world
+
+
 def rank_and_world() -> tuple[int, int]:
     """(rank, world_size) of the default process group, or (0, 1) when torch.distributed is not initialised."""
     if dist.is_available() and dist.is_initialized():

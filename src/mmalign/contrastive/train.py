@@ -18,7 +18,9 @@ from rich.progress import Progress
 from safetensors.torch import load_file, save_file
 
 from mmalign.contrastive.augment import Augment
+from mmalign.contrastive.distributed import average_gradients, init_distributed
 from mmalign.contrastive.evaluate import max_over_prompts_accuracy, retrieval_recall
+from mmalign.contrastive.gradcache import cached_contrastive_step
 from mmalign.contrastive.losses import ClipLoss, SigLipLoss
 from mmalign.contrastive.model import DualEncoder, PooledEncoder, TextTower, minilm_path
 from mmalign.contrastive.wise import interpolate_weights
@@ -94,6 +96,7 @@ def train_lit(
     text_tower: str | Path | None = None,
     augment: bool = True,
     init_from: str | Path | None = None,
+    micro_batch: int | None = None,
     wise_alphas: tuple[float, ...] = (0.25, 0.5, 0.75),
     seed: int = 0,
     progress: bool = True,
@@ -102,7 +105,11 @@ def train_lit(
     """Train a tiny image tower from scratch (or fine-tune the LiT model in `init_from`) against a locked text tower;
     report zero-shot accuracy and retrieval on held-out images. Fine-tuning also reports zero-shot accuracy before,
     and for WiSE-FT interpolations of the original and fine-tuned weights. Returns (and writes to
-    out_dir/results.json) the figures."""
+    out_dir/results.json) the figures.
+
+    `micro_batch` < `batch_size` runs the towers a micro-batch at a time with GradCache, keeping the whole batch as
+    negatives. Under torchrun (WORLD_SIZE > 1) each rank draws its own batch, the loss gathers embeddings from all
+    ranks (global-batch negatives), gradients are averaged across ranks, and rank 0 evaluates and saves."""
     console = console or Console()
     torch.manual_seed(seed)
     data_dir, out = Path(data_dir), Path(out_dir)
@@ -111,7 +118,9 @@ def train_lit(
     model = DualEncoder(
         PooledEncoder(image), None, text_dim=text.hidden_size, embed_dim=embed_dim, text_head_hidden=text_head_hidden
     )
-    criterion = ClipLoss() if loss == "clip" else SigLipLoss() if loss == "siglip" else None
+    rank, world = init_distributed()
+    gather = world > 1
+    criterion = ClipLoss(gather=gather) if loss == "clip" else SigLipLoss(gather=gather) if loss == "siglip" else None
     if criterion is None:
         raise ValueError(f"loss must be clip or siglip, got {loss!r}")
     before = None
@@ -130,16 +139,23 @@ def train_lit(
     params = [p for p in list(model.parameters()) + list(criterion.parameters()) if p.requires_grad]
     opt = torch.optim.AdamW(decay_groups(params, 0.05), lr=lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(steps, 0.05))
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed * 1000 + rank)  # each rank its own batches
     losses = []
-    with Progress(console=console, disable=not progress) as bar:
+    with Progress(console=console, disable=not progress or rank > 0) as bar:
         task = bar.add_task(f"contrastive ({loss})", total=steps)
         for _ in range(steps):
             idx = _distinct_batch(captions, batch_size, gen)
             x = pixels[idx] if aug is None else aug(pixels[idx])
-            value = criterion(model.embed_media(x), model.embed_text_features(features[idx]))
             opt.zero_grad(set_to_none=True)
-            value.backward()
+            if micro_batch and micro_batch < len(idx):
+                value = cached_contrastive_step(
+                    model.embed_media, model.embed_text_features, criterion, x, features[idx], micro_batch
+                )
+            else:
+                value = criterion(model.embed_media(x), model.embed_text_features(features[idx]))
+                value.backward()
+            if gather:
+                average_gradients(params)
             opt.step()
             sched.step()
             if isinstance(criterion, ClipLoss):
@@ -147,6 +163,8 @@ def train_lit(
             losses.append(value.item())
             bar.update(task, advance=1, description=f"contrastive ({loss}) loss {value.item():.3f}")
 
+    if rank > 0:
+        return {"rank": rank, "last_loss": losses[-1]}
     model.eval()
     zero_shot, recall = evaluate_lit(model, text, data_dir)
     wise = {}
