@@ -80,8 +80,10 @@ def pretrain(
     lm_steps: int = typer.Option(200, help="Optimizer steps for the LM."),
     seed: int = typer.Option(0, help="Seed."),
 ) -> None:
-    """Stage 0 for the embedded default, exactly as the quickstart runs it: the tiny vision tower and tiny LM,
-    saved as HF folders that the shapes recipes load (model.encoder.path, model.llm.path)."""
+    """Stage 0 for the embedded default, exactly as the quickstart runs it.
+
+    The tiny vision tower and tiny LM, saved as HF folders that the shapes recipes load (model.encoder.path,
+    model.llm.path)."""
     _quiet_transformers()
     from mmalign.quickstart import pretrain_base
 
@@ -139,8 +141,10 @@ def bind(
     steps: int = typer.Option(300, help="Optimizer steps."),
     seed: int = typer.Option(0, help="Seed."),
 ) -> None:
-    """Bind audio into a frozen image-text space (ImageBind-style): an audio tower learns to match paired images
-    only, then is classified from text prompts it never saw paired with audio (zero-shot transfer)."""
+    """Bind audio into a frozen image-text space (ImageBind-style).
+
+    An audio tower learns to match paired images only, then is classified from text prompts it never saw paired
+    with audio (zero-shot transfer)."""
     _quiet_transformers()
     from rich.table import Table
 

