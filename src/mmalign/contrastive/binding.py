@@ -18,11 +18,11 @@ from rich.progress import Progress
 from safetensors.torch import save_file
 from torch import nn
 
-from mmalign.contrastive.evaluate import max_over_prompts_accuracy, retrieval_recall
+from mmalign.contrastive.evaluate import retrieval_recall
 from mmalign.contrastive.losses import ClipLoss
 from mmalign.contrastive.model import DualEncoder, PooledEncoder, TextTower, minilm_path
-from mmalign.contrastive.train import ZERO_SHOT_ATTRIBUTES, _distinct_batch, _load_heads, caption_templates
-from mmalign.data.shapes import ATTRIBUTES, Scene, load_split
+from mmalign.contrastive.train import _distinct_batch, _load_heads, zero_shot_from_prompts
+from mmalign.data.shapes import Scene, load_split
 from mmalign.modalities.audio import spectrogram, synth_scene_audio
 from mmalign.models.encoders import clip_encoder
 from mmalign.train.optim import decay_groups, warmup_cosine
@@ -113,12 +113,7 @@ def train_binding(
     with torch.no_grad():
         test_px, test_scenes = load_split(data_dir, "test", image_encoder)
         test_audio = embed_audio(_audio_split(test_scenes, seed + 1))
-        zero_shot = {}
-        for attribute in ZERO_SHOT_ATTRIBUTES:
-            values = ATTRIBUTES[attribute]
-            prompts = [lit.embed_text_features(text.encode(caption_templates(attribute, v))) for v in values]
-            labels = torch.tensor([values.index(s[attribute]) for s in test_scenes])
-            zero_shot[attribute] = max_over_prompts_accuracy(test_audio, prompts, labels)
+        zero_shot = zero_shot_from_prompts(test_audio, test_scenes, lit, text)
         recall = retrieval_recall(test_audio, lit.embed_media(test_px))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -58,18 +58,25 @@ def _distinct_batch(keys: list[str], batch_size: int, gen: torch.Generator) -> t
 
 
 @torch.no_grad()
-def evaluate_lit(model: DualEncoder, text: TextTower, data_dir: str | Path) -> tuple:
-    """(zero-shot accuracy per attribute, retrieval recalls) on the held-out test images."""
-    test_pixels, test_scenes = load_split(data_dir, "test", model.media_tower.encoder)
-    media = model.embed_media(test_pixels)
+def zero_shot_from_prompts(embeddings: torch.Tensor, scenes: list[dict], model: DualEncoder, text: TextTower) -> dict:
+    """Accuracy per attribute of classifying `embeddings` (N, E), any modality in the shared space, from text."""
     zero_shot = {}
     for attribute in ZERO_SHOT_ATTRIBUTES:
         values = ATTRIBUTES[attribute]
         # A caption's embedding entangles its words, so each class is scored by its best-matching sentence
         # (max over the prompt ensemble) rather than by the ensemble's mean.
         prompts = [model.embed_text_features(text.encode(caption_templates(attribute, v))) for v in values]
-        labels = torch.tensor([values.index(s[attribute]) for s in test_scenes])
-        zero_shot[attribute] = max_over_prompts_accuracy(media, prompts, labels)
+        labels = torch.tensor([values.index(s[attribute]) for s in scenes])
+        zero_shot[attribute] = max_over_prompts_accuracy(embeddings, prompts, labels)
+    return zero_shot
+
+
+@torch.no_grad()
+def evaluate_lit(model: DualEncoder, text: TextTower, data_dir: str | Path) -> tuple:
+    """(zero-shot accuracy per attribute, retrieval recalls) on the held-out test images."""
+    test_pixels, test_scenes = load_split(data_dir, "test", model.media_tower.encoder)
+    media = model.embed_media(test_pixels)
+    zero_shot = zero_shot_from_prompts(media, test_scenes, model, text)
     test_captions = [Scene(**s).caption(random.Random(0)) for s in test_scenes]
     return zero_shot, retrieval_recall(media, model.embed_text_features(text.encode(test_captions)))
 
