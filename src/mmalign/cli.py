@@ -20,8 +20,12 @@ console = Console()
 
 
 def _quiet_transformers() -> None:
+    import warnings
+
     import transformers
 
+    # PEFT calls a transformers API that transformers itself marks deprecated; nothing a user can act on.
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
 
