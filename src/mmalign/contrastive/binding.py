@@ -49,9 +49,15 @@ def load_lit(lit_dir: str | Path) -> tuple[DualEncoder, TextTower]:
     lit_dir = Path(lit_dir)
     text = TextTower.from_path(minilm_path()).eval().requires_grad_(False)
     image = clip_encoder(path=str(lit_dir / "image_encoder"))
-    heads = json.loads((lit_dir / "results.json").read_text())
-    model = DualEncoder(PooledEncoder(image), None, text_dim=text.hidden_size, embed_dim=heads.get("embed_dim", 128))
-    _load_heads(model, ClipLoss(), lit_dir / "heads.safetensors")
+    shape = json.loads((lit_dir / "results.json").read_text())
+    model = DualEncoder(
+        PooledEncoder(image),
+        None,
+        text_dim=text.hidden_size,
+        embed_dim=shape.get("embed_dim", 128),
+        text_head_hidden=shape.get("text_head_hidden", 0),
+    )
+    _load_heads(model, None, lit_dir / "heads.safetensors")  # the LiT loss (CLIP or SigLIP) is not needed here
     return model.eval().requires_grad_(False), text
 
 

@@ -81,12 +81,18 @@ def evaluate_lit(model: DualEncoder, text: TextTower, data_dir: str | Path) -> t
     return zero_shot, retrieval_recall(media, model.embed_text_features(text.encode(test_captions)))
 
 
-def _load_heads(model: DualEncoder, criterion: torch.nn.Module, path: Path) -> None:
-    """Projection heads and loss scalars saved by `train_lit` (the image tower loads from its own folder)."""
+def _load_heads(model: DualEncoder, criterion: torch.nn.Module | None, path: Path) -> None:
+    """Projection heads (and, given a criterion, loss scalars) saved by `train_lit`; the image tower loads from its
+    own folder. Heads of another shape (embed_dim, text_head_hidden) are an error, not a silent partial load."""
     saved = load_file(str(path))
-    model.load_state_dict({k[len("model.") :]: v for k, v in saved.items() if k.startswith("model.")}, strict=False)
-    loss_state = {k[len("loss.") :]: v for k, v in saved.items() if k.startswith("loss.")}
-    criterion.load_state_dict({k: v.reshape(getattr(criterion, k).shape) for k, v in loss_state.items()})
+    heads = {k[len("model.") :]: v for k, v in saved.items() if k.startswith("model.")}
+    missing, unexpected = model.load_state_dict(heads, strict=False)
+    missing = [k for k in missing if not k.startswith("media_tower.")]
+    if missing or unexpected:
+        raise KeyError(f"{path} does not fit this dual encoder: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    if criterion is not None:
+        loss_state = {k[len("loss.") :]: v for k, v in saved.items() if k.startswith("loss.")}
+        criterion.load_state_dict({k: v.reshape(getattr(criterion, k).shape) for k, v in loss_state.items()})
 
 
 def train_lit(
@@ -189,6 +195,7 @@ def train_lit(
     result = {
         "loss": loss,
         "embed_dim": embed_dim,
+        "text_head_hidden": text_head_hidden,
         "first_loss": losses[0],
         "last_loss": losses[-1],
         "zero_shot": zero_shot,
