@@ -101,6 +101,7 @@ def run_one(impl: str, folder: Path, steps: int, batch: int, device: str) -> dic
         set_trainable(model, ["connector", "llm"])
 
         def step(b):
+            b = {k: v for k, v in b.items() if k != "pixel_values"} | {"media": {"image": b["pixel_values"]}}
             out = model(**b)
             return out["loss_sum"] / out["n_tokens"]
 

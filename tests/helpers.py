@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mmalign.config import ConnectorConfig, EncoderConfig, LLMConfig, ModelConfig
+from mmalign.config import ConnectorConfig, EncoderConfig, LLMConfig, MediaConfig, ModelConfig
 
 TINY_VISION = dict(
     hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=32, patch_size=8
@@ -19,8 +19,26 @@ TINY_LLAMA = dict(
 
 
 def tiny_model_config(tokenizer_dir: str, connector: str = "mlp2x_gelu", family: str = "clip") -> ModelConfig:
-    return ModelConfig(
-        encoder=EncoderConfig(name=family, config=dict(TINY_VISION)),
-        connector=ConnectorConfig(name=connector),
-        llm=LLMConfig(config=dict(TINY_LLAMA), tokenizer=str(tokenizer_dir)),
+    """A projector-family model reading images: a tiny `family` (clip | siglip) tower, `connector`, tiny Llama."""
+    image = MediaConfig(
+        encoder=EncoderConfig(name=family, config=dict(TINY_VISION)), connector=ConnectorConfig(connector)
     )
+    return ModelConfig(media={"image": image}, llm=LLMConfig(config=dict(TINY_LLAMA), tokenizer=str(tokenizer_dir)))
+
+
+def image_processor(tokenizer, *, tokens_per_image: int, image_size: int, template="chat", max_length=128):
+    """A Processor reading images only, without a model: the encoder is a stand-in holding the preprocessing
+    settings a vision tower would give."""
+    from types import SimpleNamespace
+
+    from mmalign.data.processor import MediaSpec, Processor
+
+    encoder = SimpleNamespace(image_size=image_size, mean=(0.5,) * 3, std=(0.5,) * 3)
+    spec = MediaSpec(
+        modality="image",
+        placeholder="<image>",
+        token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        tokens_per_item=tokens_per_image,
+        encoder=encoder,
+    )
+    return Processor(tokenizer, media=[spec], template=template, max_length=max_length)

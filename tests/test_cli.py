@@ -27,7 +27,7 @@ def test_every_command_has_help(command):
 
 def test_train_help_documents_config_keys():
     out = invoke("train", "--help")
-    for key in ("train.lr", "train.finetune", "data.on_error", "model.connector.name"):
+    for key in ("train.lr", "train.finetune", "data.on_error", "model.media.<modality>.connector.name"):
         assert key in out
 
 
@@ -46,10 +46,11 @@ def test_train_eval_generate_export_import(tmp_path, shapes, tiny_hf_llava):
     run = tmp_path / "run"
     out = invoke(
         "train", "shapes_stage2",
-        f"model.encoder.path={base / 'encoder'}", f"model.llm.path={base / 'llm'}", "model.encoder.feature_layer=-2",
+        f"model.media.image.encoder.path={base / 'encoder'}", f"model.llm.path={base / 'llm'}",
+        "model.media.image.encoder.feature_layer=-2",
         f"data.train={shapes['conversations']}", f"data.val={shapes['val']}", f"data.image_folder={shapes['images']}",
         f"train.out_dir={run}", f"train.init_from={base}", "train.max_steps=3", "train.batch_size=4",
-        "train.progress=false", "data.blank_image_prob=0",
+        "train.progress=false", "data.blank_media_prob=0",
     )  # fmt: skip
     assert '"steps": 3' in out
     out = invoke(
@@ -69,15 +70,14 @@ def test_train_eval_generate_export_import(tmp_path, shapes, tiny_hf_llava):
 
 
 def _library_answer(run, image, prompt):
-    from mmalign.data.processor import Conversation
+    from mmalign.data.processor import Conversation, processor_for
     from mmalign.generate import generate
-    from mmalign.train.checkpoint import load_checkpoint, load_recipe
-    from mmalign.train.loop import make_processor
+    from mmalign.train.checkpoint import load_checkpoint, load_train_config
 
     model, tok, _ = load_checkpoint(run)
-    proc = make_processor(tok, model, load_recipe(run))
-    conv = Conversation(id="q", images=[image], messages=[{"role": "user", "content": prompt}])
-    out = generate(model, [proc.prompt_ids(conv)], proc.pixels(conv), pad_id=tok.pad_token_id,
+    proc = processor_for(model, tok, load_train_config(run).data)
+    conv = Conversation(id="q", media={"image": [image]}, messages=[{"role": "user", "content": prompt}])
+    out = generate(model, [proc.prompt_ids(conv)], proc.media(conv), pad_id=tok.pad_token_id,
                    stop_ids=[tok.eos_token_id], max_new_tokens=3)[0]  # fmt: skip
     return tok.decode(out, skip_special_tokens=True).strip()
 

@@ -40,4 +40,6 @@ def test_majority_baseline(tmp_path):
         for i, (t, a) in enumerate([("color", "red"), ("color", "red"), ("color", "blue"), ("size", "small")])
     ]
     (tmp_path / "qa.json").write_text(json.dumps(recs))
-    assert majority_baseline(tmp_path / "qa.json") == {"color": pytest.approx(2 / 3), "size": 1.0}
+    got = majority_baseline(tmp_path / "qa.json")
+    assert got["by_type"] == {"color": pytest.approx(2 / 3), "size": 1.0}
+    assert got["all"] == pytest.approx(3 / 4)  # 2 of 3 colours + 1 of 1 size, over 4 samples

@@ -15,11 +15,11 @@ from mmalign.models.builder import build_model
 def setup(shapes):
     model, tok = build_model(tiny_model_config(shapes["tokenizer"]))
     model.eval()
-    n = model.encoder.num_tokens
+    n = model.encoders["image"].num_tokens
     prompts = [
-        [2, 6] + [model.image_token_id] * n + [10, 11, 12, 7],
-        [2, 6] + [model.image_token_id] * n + [13, 7],
-        [2, 6] + [model.image_token_id] * n + [14, 15, 16, 17, 18, 19, 7],
+        [2, 6] + [model.media_token_ids["image"]] * n + [10, 11, 12, 7],
+        [2, 6] + [model.media_token_ids["image"]] * n + [13, 7],
+        [2, 6] + [model.media_token_ids["image"]] * n + [14, 15, 16, 17, 18, 19, 7],
     ]
     pixels = torch.randn(3, 3, 32, 32)
     return model, tok, prompts, pixels
@@ -31,7 +31,7 @@ def reference_greedy(model, prompt, pixels, steps):
     out = []
     with torch.no_grad():
         for _ in range(steps):
-            logits = model(ids, pixel_values=pixels)["logits"]
+            logits = model(ids, media={"image": pixels})["logits"]
             nxt = int(logits[0, -1].argmax())
             out.append(nxt)
             ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
@@ -40,16 +40,16 @@ def reference_greedy(model, prompt, pixels, steps):
 
 def test_cached_batched_greedy_equals_reference(setup):
     model, tok, prompts, pixels = setup
-    got = generate(model, prompts, pixels, pad_id=tok.pad_token_id, stop_ids=[-1], max_new_tokens=6)
+    got = generate(model, prompts, {"image": pixels}, pad_id=tok.pad_token_id, stop_ids=[-1], max_new_tokens=6)
     for i, prompt in enumerate(prompts):
         assert got[i] == reference_greedy(model, prompt, pixels[i : i + 1], 6)
 
 
 def test_left_padding_does_not_change_answers(setup):
     model, tok, prompts, pixels = setup
-    batched = generate(model, prompts, pixels, pad_id=tok.pad_token_id, stop_ids=[-1], max_new_tokens=5)
+    batched = generate(model, prompts, {"image": pixels}, pad_id=tok.pad_token_id, stop_ids=[-1], max_new_tokens=5)
     single = [
-        generate(model, [p], pixels[i : i + 1], pad_id=tok.pad_token_id, stop_ids=[-1], max_new_tokens=5)[0]
+        generate(model, [p], {"image": pixels[i : i + 1]}, pad_id=tok.pad_token_id, stop_ids=[-1], max_new_tokens=5)[0]
         for i, p in enumerate(prompts)
     ]
     assert batched == single
@@ -57,9 +57,9 @@ def test_left_padding_does_not_change_answers(setup):
 
 def test_stop_token_ends_a_row(setup):
     model, tok, prompts, pixels = setup
-    free = generate(model, prompts, pixels, pad_id=tok.pad_token_id, stop_ids=[-1], max_new_tokens=6)
+    free = generate(model, prompts, {"image": pixels}, pad_id=tok.pad_token_id, stop_ids=[-1], max_new_tokens=6)
     stop = free[0][2]
-    got = generate(model, prompts, pixels, pad_id=tok.pad_token_id, stop_ids=[stop], max_new_tokens=6)
+    got = generate(model, prompts, {"image": pixels}, pad_id=tok.pad_token_id, stop_ids=[stop], max_new_tokens=6)
     assert got[0] == free[0][: free[0].index(stop)]
     assert stop not in got[0]
 
@@ -67,8 +67,28 @@ def test_stop_token_ends_a_row(setup):
 def test_sampling_is_seeded(setup):
     model, tok, prompts, pixels = setup
     kw = dict(pad_id=tok.pad_token_id, stop_ids=[-1], max_new_tokens=8, temperature=1.5, top_p=0.95)
-    a = generate(model, prompts, pixels, seed=1, **kw)
-    b = generate(model, prompts, pixels, seed=1, **kw)
-    c = generate(model, prompts, pixels, seed=2, **kw)
+    a = generate(model, prompts, {"image": pixels}, seed=1, **kw)
+    b = generate(model, prompts, {"image": pixels}, seed=1, **kw)
+    c = generate(model, prompts, {"image": pixels}, seed=2, **kw)
     assert a == b
     assert a != c
+
+
+def test_cached_left_padded_logits_equal_full_recomputation(setup):
+    """prefill + step on left-padded rows give the logits of running each whole sequence unpadded: a decode position
+    off by one changes them even where it leaves an untrained model's argmax alone."""
+    from mmalign.generate import left_pad
+
+    model, tok, prompts, pixels = setup
+    ids, mask = left_pad(prompts, tok.pad_token_id)
+    with torch.no_grad():
+        logits, state = model.prefill(ids, mask, {"image": pixels})
+        steps = [logits]
+        follow = torch.tensor([[21, 22, 23]] * len(prompts))  # (B, 3) tokens appended one at a time
+        for t in range(follow.shape[1]):
+            steps.append(model.step(state, follow[:, t]))
+        for i, prompt in enumerate(prompts):
+            full = torch.tensor([prompt + follow[i].tolist()])
+            expected = model(full, media={"image": pixels[i : i + 1]})["logits"][0, len(prompt) - 1 :]  # (4, V)
+            got = torch.stack([s[i] for s in steps])
+            torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)

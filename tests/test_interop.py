@@ -11,13 +11,13 @@ from mmalign.train.checkpoint import load_checkpoint
 
 
 def _inputs(model, n_text=7, batch=2):
-    n_img = model.encoder.num_tokens
+    n_img = model.encoders["image"].num_tokens
     text = torch.randint(10, 20, (batch, n_text))
-    image = torch.full((batch, n_img), model.image_token_id)
+    image = torch.full((batch, n_img), model.media_token_ids["image"])
     ids = torch.cat([text[:, :2], image, text[:, 2:]], dim=1)  # (B, 2 + image tokens + 5)
     mask = torch.ones_like(ids)
     mask[1, :1] = 0  # some padding in the second row
-    pixels = torch.randn(batch, 3, model.encoder.image_size, model.encoder.image_size)
+    pixels = torch.randn(batch, 3, model.encoders["image"].image_size, model.encoders["image"].image_size)
     return ids, mask, pixels
 
 
@@ -27,7 +27,7 @@ def test_import_matches_hf_logits(tiny_hf_llava, tmp_path):
     ids, mask, pixels = _inputs(ours)
     with torch.no_grad():
         expected = hf(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
-        got = ours(input_ids=ids, attention_mask=mask, pixel_values=pixels)["logits"]
+        got = ours(input_ids=ids, attention_mask=mask, media={"image": pixels})["logits"]
     torch.testing.assert_close(got, expected)
 
 
@@ -40,7 +40,7 @@ def test_export_matches_hf_logits(tiny_hf_llava, tmp_path):
     hf = LlavaForConditionalGeneration.from_pretrained(tmp_path / "hf").eval()
     ids, mask, pixels = _inputs(ours)
     with torch.no_grad():
-        expected = ours(input_ids=ids, attention_mask=mask, pixel_values=pixels)["logits"]
+        expected = ours(input_ids=ids, attention_mask=mask, media={"image": pixels})["logits"]
         got = hf(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
     torch.testing.assert_close(got, expected)
 
@@ -52,16 +52,23 @@ def test_exported_processor_matches_our_preprocessing(tiny_hf_llava, tmp_path):
     from mmalign.modalities.image import preprocess_image
 
     ours, tok, cfg = load_checkpoint(import_hf_llava(tiny_hf_llava, tmp_path / "ours"))
-    ours.encoder.mean, ours.encoder.std = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)  # non-default, to see them travel
+    ours.encoders["image"].mean, ours.encoders["image"].std = (
+        (0.4, 0.5, 0.6),
+        (0.2, 0.25, 0.3),
+    )  # non-default, to see them travel
     export_hf_llava(ours, tok, cfg, tmp_path / "hf")
     processor = AutoProcessor.from_pretrained(tmp_path / "hf")
     rng = torch.Generator().manual_seed(0)
     array = (torch.rand(30, 52, 3, generator=rng) * 255).to(torch.uint8).numpy()  # not square
     image = Image.fromarray(array, "RGB")
     enc = processor(text="<image> what color is the shape ?", images=image, return_tensors="pt")
-    assert int((enc["input_ids"] == ours.image_token_id).sum()) == ours.encoder.num_tokens
-    expected = preprocess_image(image, ours.encoder.image_size, ours.encoder.mean, ours.encoder.std)
+    assert int((enc["input_ids"] == ours.media_token_ids["image"]).sum()) == ours.encoders["image"].num_tokens
+    expected = preprocess_image(
+        image, ours.encoders["image"].image_size, ours.encoders["image"].mean, ours.encoders["image"].std
+    )
     torch.testing.assert_close(enc["pixel_values"][0], expected, atol=1e-4, rtol=1e-4)
     # ... and importing the export keeps the normalisation.
     back, _, _ = load_checkpoint(import_hf_llava(tmp_path / "hf", tmp_path / "back"))
-    assert back.encoder.mean == pytest.approx(ours.encoder.mean) and back.encoder.std == pytest.approx(ours.encoder.std)
+    assert back.encoders["image"].mean == pytest.approx(ours.encoders["image"].mean) and back.encoders[
+        "image"
+    ].std == pytest.approx(ours.encoders["image"].std)

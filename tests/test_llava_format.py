@@ -6,8 +6,9 @@ import json
 
 from transformers import AutoTokenizer
 
-from mmalign.data.processor import Processor, parse_record, read_records
-from mmalign.models.multimodal import IGNORE_INDEX
+from helpers import image_processor
+from mmalign.constants import IGNORE_INDEX
+from mmalign.data.processor import parse_record, read_records
 
 PRETRAIN = {
     "id": "004539375",
@@ -35,9 +36,7 @@ TEXT_ONLY = {  # ShareGPT rows in mix665k carry no image key
 
 
 def processor(tok, template):
-    return Processor(
-        tok, image_token="<image>", tokens_per_image=3, image_size=8, mean=(0.5,) * 3, std=(0.5,) * 3, template=template
-    )
+    return image_processor(tok, tokens_per_image=3, image_size=8, template=template)
 
 
 def test_json_and_jsonl_load_unchanged(tmp_path):
@@ -59,6 +58,6 @@ def test_real_records_tokenize(shapes):
     )
     assert n_sup == answers  # every answer token plus its <eos>, nothing else
     conv = parse_record(TEXT_ONLY, 2)
-    assert conv.images == [] and conv.meta == {"model": ""}
+    assert conv.media == {} and conv.meta == {"model": ""}
     ids, _ = processor(tok, "chat").tokenize(conv)
     assert image_id not in ids

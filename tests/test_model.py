@@ -8,8 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from helpers import TINY_VISION, tiny_model_config
+from mmalign.constants import IGNORE_INDEX
 from mmalign.models.builder import build_model
-from mmalign.models.multimodal import IGNORE_INDEX, MediaCountError
+from mmalign.models.multimodal import MediaCountError
 from mmalign.registry import CONNECTORS, ENCODERS
 
 
@@ -20,15 +21,15 @@ def model(shapes):
 
 
 def batch_for(model, batch=2, text=6):
-    n = model.encoder.num_tokens
-    ids = torch.cat([torch.randint(10, 30, (batch, 2)), torch.full((batch, n), model.image_token_id),
+    n = model.encoders["image"].num_tokens
+    ids = torch.cat([torch.randint(10, 30, (batch, 2)), torch.full((batch, n), model.media_token_ids["image"]),
                      torch.randint(10, 30, (batch, text))], dim=1)  # fmt: skip
     labels = torch.full_like(ids, IGNORE_INDEX)
     labels[:, -3:] = ids[:, -3:]
     mask = torch.ones_like(ids)
     mask[0, -1], labels[0, -1] = 0, IGNORE_INDEX  # one padded position
-    pixels = torch.randn(batch, 3, model.encoder.image_size, model.encoder.image_size)
-    return dict(input_ids=ids, attention_mask=mask, pixel_values=pixels, labels=labels)
+    pixels = torch.randn(batch, 3, model.encoders["image"].image_size, model.encoders["image"].image_size)
+    return dict(input_ids=ids, attention_mask=mask, media={"image": pixels}, labels=labels)
 
 
 def test_sparse_loss_equals_full_logits_cross_entropy(model):
@@ -36,10 +37,10 @@ def test_sparse_loss_equals_full_logits_cross_entropy(model):
     model.requires_grad_(True)
     out = model(**b)
     loss = out["loss_sum"] / out["n_tokens"]
-    grads = torch.autograd.grad(loss, [model.connector.linears[0].weight, model.lm_head.weight])
+    grads = torch.autograd.grad(loss, [model.connectors["image"].linears[0].weight, model.lm_head.weight])
     logits = model(**{k: v for k, v in b.items() if k != "labels"})["logits"]
     ref = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), b["labels"][:, 1:].reshape(-1))
-    ref_grads = torch.autograd.grad(ref, [model.connector.linears[0].weight, model.lm_head.weight])
+    ref_grads = torch.autograd.grad(ref, [model.connectors["image"].linears[0].weight, model.lm_head.weight])
     assert out["n_tokens"] == int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) == 5
     torch.testing.assert_close(loss, ref)
     for g, r in zip(grads, ref_grads, strict=True):
@@ -48,9 +49,9 @@ def test_sparse_loss_equals_full_logits_cross_entropy(model):
 
 def test_image_features_land_in_image_positions(model):
     b = batch_for(model)
-    embeds = model.embed(b["input_ids"], b["pixel_values"])
-    feats = model.encode_images(b["pixel_values"])
-    is_image = b["input_ids"] == model.image_token_id
+    embeds = model.embed(b["input_ids"], b["media"])
+    feats = model.encode("image", b["media"]["image"])
+    is_image = b["input_ids"] == model.media_token_ids["image"]
     torch.testing.assert_close(embeds[is_image], feats.reshape(-1, feats.shape[-1]))
     text = model.llm.get_input_embeddings()(b["input_ids"])
     torch.testing.assert_close(embeds[~is_image], text[~is_image])
@@ -59,17 +60,17 @@ def test_image_features_land_in_image_positions(model):
 def test_image_count_mismatch_names_the_samples(model):
     b = batch_for(model)
     with pytest.raises(MediaCountError, match=r"s1: \d+ image tokens, s2"):
-        model(b["input_ids"], pixel_values=b["pixel_values"][:1], sample_ids=["s1", "s2"])
+        model(b["input_ids"], media={"image": b["media"]["image"][:1]}, sample_ids=["s1", "s2"])
 
 
 def test_frozen_encoder_runs_without_autograd(model):
     seen = []
-    model.encoder.register_forward_hook(lambda *_: seen.append(torch.is_grad_enabled()))
+    model.encoders["image"].register_forward_hook(lambda *_: seen.append(torch.is_grad_enabled()))
     pixels = torch.randn(1, 3, 32, 32)
-    model.encoder.requires_grad_(False)
-    model.encode_images(pixels)
-    model.encoder.requires_grad_(True)
-    model.encode_images(pixels)
+    model.encoders["image"].requires_grad_(False)
+    model.encode("image", pixels)
+    model.encoders["image"].requires_grad_(True)
+    model.encode("image", pixels)
     assert seen == [False, True]  # no_grad follows the freeze, decided outside forward
 
 

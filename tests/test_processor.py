@@ -5,23 +5,15 @@ from __future__ import annotations
 import pytest
 from transformers import AutoTokenizer
 
-from mmalign.data.processor import Conversation, Processor, SampleError, parse_record
-from mmalign.models.multimodal import IGNORE_INDEX
+from helpers import image_processor
+from mmalign.constants import IGNORE_INDEX
+from mmalign.data.processor import Conversation, SampleError, parse_record
 
 N_IMG = 4
 
 
 def make_processor(tokenizer, template="chat", max_length=128):
-    return Processor(
-        tokenizer,
-        image_token="<image>",
-        tokens_per_image=N_IMG,
-        image_size=16,
-        mean=(0.5,) * 3,
-        std=(0.5,) * 3,
-        template=template,
-        max_length=max_length,
-    )
+    return image_processor(tokenizer, tokens_per_image=N_IMG, image_size=16, template=template, max_length=max_length)
 
 
 @pytest.fixture(scope="module")
@@ -95,11 +87,11 @@ def test_text_only_sample_has_no_image_tokens(tok):
         ({"id": "e3", "conversations": [{"from": "human", "value": "x"}]}, "e3: conversation has no assistant"),
         (
             {"id": "e4", "image": ["a.png", "b.png"], "conversations": RECORD["conversations"][:2]},
-            "e4: 1 <image> placeholders in the text but 2 images",
+            "e4: 1 <image> placeholders in the text but 2 image items",
         ),
         (
             {"id": "e5", "conversations": RECORD["conversations"][:2]},
-            "e5: 1 <image> placeholders in the text but 0 images",
+            "e5: 1 <image> placeholders in the text but 0 image items",
         ),
         ({"id": "e6", "conversations": ["hello", "hi"]}, "e6: conversations must be a list"),
         ({"id": "e7", "image": 3, "conversations": RECORD["conversations"][:2]}, "e7: image must be a path"),
@@ -119,9 +111,9 @@ def test_missing_and_unreadable_images(tok, tmp_path):
     (tmp_path / "broken.png").write_bytes(b"not a png")
     proc = make_processor(tok)
     with pytest.raises(SampleError, match="m1: image file not found"):
-        proc.pixels(Conversation(id="m1", images=["nope.png"], messages=[]), tmp_path)
+        proc.media(Conversation(id="m1", media={"image": ["nope.png"]}, messages=[]), tmp_path)
     with pytest.raises(SampleError, match="m2: unreadable image"):
-        proc.pixels(Conversation(id="m2", images=["broken.png"], messages=[]), tmp_path)
+        proc.media(Conversation(id="m2", media={"image": ["broken.png"]}, messages=[]), tmp_path)
 
 
 def test_prompt_ids_end_with_the_assistant_header(tok):

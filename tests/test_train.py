@@ -10,7 +10,17 @@ import torch
 from safetensors.torch import load_file
 
 from helpers import TINY_LLAMA, TINY_VISION
-from mmalign.config import ConnectorConfig, DataConfig, EncoderConfig, LLMConfig, ModelConfig, RecipeConfig, TrainConfig
+from mmalign.config import (
+    ConnectorConfig,
+    DataConfig,
+    EncoderConfig,
+    LLMConfig,
+    LoraConfig,
+    MediaConfig,
+    ModelConfig,
+    RecipeConfig,
+    TrainConfig,
+)
 from mmalign.data.dataset import epoch_order
 from mmalign.data.processor import SampleError
 from mmalign.models.encoders import clip_encoder, save_encoder
@@ -26,8 +36,8 @@ def base(tmp_path_factory, shapes):
     out = tmp_path_factory.mktemp("base")
     torch.manual_seed(0)
     save_encoder(clip_encoder(config=dict(TINY_VISION)), out / "encoder")
-    tok = load_tokenizer(LLMConfig(tokenizer=shapes["tokenizer"]), "<image>")
-    load_llm(LLMConfig(config=dict(TINY_LLAMA)), len(tok)).save_pretrained(out / "lm")
+    tok = load_tokenizer(LLMConfig(tokenizer=shapes["tokenizer"]), ["<image>"])
+    load_llm(LLMConfig(config=dict(TINY_LLAMA)), tok).save_pretrained(out / "lm")
     tok.save_pretrained(out / "lm")
     return out
 
@@ -36,8 +46,11 @@ def recipe(base, shapes, tmp_path, **train_kw) -> RecipeConfig:
     data_kw = train_kw.pop("data", {})
     return RecipeConfig(
         model=ModelConfig(
-            encoder=EncoderConfig(path=str(base / "encoder")),
-            connector=ConnectorConfig(name="mlp2x_gelu"),
+            media={
+                "image": MediaConfig(
+                    encoder=EncoderConfig(path=str(base / "encoder")), connector=ConnectorConfig(name="mlp2x_gelu")
+                )
+            },
             llm=LLMConfig(path=str(base / "lm")),
         ),
         data=DataConfig(
@@ -66,15 +79,15 @@ def test_stage2_loss_falls_and_checkpoint_reloads(base, shapes, tmp_path):
         assert (run / name).is_file()
     # Encoder came from a path and stayed frozen: not in the checkpoint. Connector and LLM are.
     keys = load_file(run / "model.safetensors").keys()
-    assert not any(k.startswith("encoder.") for k in keys)
-    assert any(k.startswith("llm.") for k in keys) and any(k.startswith("connector.") for k in keys)
+    assert not any(k.startswith("encoders.") for k in keys)
+    assert any(k.startswith("llm.") for k in keys) and any(k.startswith("connectors.") for k in keys)
     model, _, _ = load_checkpoint(run)
     saved = load_file(run / "model.safetensors")
     for name, p in model.named_parameters():
         if name in saved:
             torch.testing.assert_close(p.detach(), saved[name])
     fresh = Trainer(cfg).model  # the same build before training: loading must have changed the weights
-    assert not torch.equal(model.connector.linears[0].weight, fresh.connector.linears[0].weight)
+    assert not torch.equal(model.connectors["image"].linears[0].weight, fresh.connectors["image"].linears[0].weight)
 
 
 def test_stage1_checkpoint_is_only_the_connector(base, shapes, tmp_path):
@@ -82,7 +95,7 @@ def test_stage1_checkpoint_is_only_the_connector(base, shapes, tmp_path):
     cfg.data.train, cfg.data.template = shapes["captions"], "plain"
     train(cfg)
     keys = load_file(tmp_path / "run" / "model.safetensors").keys()
-    assert keys and all(k.startswith("connector.") for k in keys)
+    assert keys and all(k.startswith("connectors.") for k in keys)
 
 
 def test_resume_after_interrupt_equals_an_uninterrupted_run(base, shapes, tmp_path, monkeypatch):
@@ -185,19 +198,21 @@ def test_crash_mid_step_resumes_at_the_interrupted_step(base, shapes, tmp_path, 
 
 
 def test_lora_trains_only_adapters_and_reloads_identically(base, shapes, tmp_path):
-    cfg = recipe(base, shapes, tmp_path, max_steps=3, finetune="lora", lora_r=4, lora_alpha=8)
+    cfg = recipe(base, shapes, tmp_path, max_steps=3, finetune="lora", lora=LoraConfig(r=4, alpha=8))
     trainer = Trainer(cfg)
     trainable = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
-    assert trainable and all("lora_" in n or n.startswith("connector.") for n in trainable)
-    assert not any("lora" in n for n, _ in trainer.model.encoder.named_parameters())
+    assert trainable and all("lora_" in n or n.startswith("connectors.") for n in trainable)
+    assert not any("lora" in n for n, _ in trainer.model.encoders["image"].named_parameters())
     trainer.fit()
     reloaded, tok, _ = load_checkpoint(tmp_path / "run")
-    ids = torch.tensor([[2, 6] + [reloaded.image_token_id] * reloaded.encoder.num_tokens + [10, 11, 7]])
+    ids = torch.tensor(
+        [[2, 6] + [reloaded.media_token_ids["image"]] * reloaded.encoders["image"].num_tokens + [10, 11, 7]]
+    )
     pixels = torch.randn(1, 3, 32, 32)
     trainer.model.eval()
     with torch.no_grad():
         torch.testing.assert_close(
-            reloaded(ids, pixel_values=pixels)["logits"], trainer.model(ids, pixel_values=pixels)["logits"]
+            reloaded(ids, media={"image": pixels})["logits"], trainer.model(ids, media={"image": pixels})["logits"]
         )
 
 

@@ -86,8 +86,8 @@ def pretrain(
 ) -> None:
     """Stage 0 for the embedded default, exactly as the quickstart runs it.
 
-    The tiny vision tower and tiny LM, saved as HF folders that the shapes recipes load (model.encoder.path,
-    model.llm.path)."""
+    The tiny vision tower and tiny LM, saved as HF folders that the shapes recipes load
+    (model.media.image.encoder.path, model.llm.path)."""
     _quiet_transformers()
     from mmalign.quickstart import pretrain_base
 
@@ -111,7 +111,7 @@ def contrastive(
     """LiT on the embedded data: a tiny image tower from scratch against a locked pretrained text tower.
 
     Prints zero-shot colour and shape accuracy on held-out images (from text prompts) and retrieval Recall@1/5/10.
-    The image tower it writes loads as the frozen encoder of the LLaVA recipes (model.encoder.path).
+    The image tower it writes loads as the frozen encoder of the LLaVA recipes (model.media.image.encoder.path).
     """
     _quiet_transformers()
     from rich.table import Table
@@ -177,8 +177,7 @@ def train(
 ) -> None:
     """Train a recipe. Extra arguments `key=value` override any config key, e.g. `train.lr=2e-5 train.finetune=lora`."""
     _quiet_transformers()
-    from mmalign.config import save_yaml, to_dict
-    from mmalign.quickstart import load_recipe
+    from mmalign.config import load_recipe, save_yaml, to_dict
     from mmalign.train.loop import train as run
 
     cfg = load_recipe(recipe, ctx.args)
@@ -223,8 +222,8 @@ def eval_cmd(
     for col in ("question type", "n", "accuracy", "majority answer"):
         table.add_column(col)
     for qtype, (acc, n) in res["by_type"].items():
-        table.add_row(qtype, str(n), f"{acc:.1%}", f"{majority.get(qtype, float('nan')):.1%}")
-    table.add_row("all", str(res["n"]), f"{res['accuracy']:.1%}", "")
+        table.add_row(qtype, str(n), f"{acc:.1%}", f"{majority['by_type'].get(qtype, float('nan')):.1%}")
+    table.add_row("all", str(res["n"]), f"{res['accuracy']:.1%}", f"{majority['all']:.1%}")
     console.print(table)
     if res["skipped"]:
         console.print(f"[yellow]{len(res['skipped'])} samples skipped[/], e.g. {res['skipped'][0]}")
@@ -234,8 +233,7 @@ def eval_cmd(
 
 def _load_for_inference(checkpoint: Path):
     from mmalign.config import RecipeConfig
-    from mmalign.train.checkpoint import TRAIN_CONFIG, load_checkpoint
-    from mmalign.train.checkpoint import load_recipe as load_train_config
+    from mmalign.train.checkpoint import TRAIN_CONFIG, load_checkpoint, load_train_config
 
     model, tokenizer, model_cfg = load_checkpoint(checkpoint)
     recipe = load_train_config(checkpoint) if (checkpoint / TRAIN_CONFIG).is_file() else RecipeConfig(model=model_cfg)
@@ -243,40 +241,45 @@ def _load_for_inference(checkpoint: Path):
 
 
 def _processor(tokenizer, model, recipe):
-    from mmalign.train.loop import make_processor
+    from mmalign.data.processor import processor_for
 
-    return make_processor(tokenizer, model, recipe)
+    return processor_for(model, tokenizer, recipe.data)
 
 
 @app.command()
 def generate(
     checkpoint: Path = typer.Argument(..., help="Checkpoint folder."),
     image: list[Path] = typer.Option([], help="Image file; repeat for several images."),
+    audio: list[Path] = typer.Option([], help="Audio file (WAV); repeat for several clips."),
     prompt: str = typer.Option(
         ...,
-        help="The question. `<image>` marks where each image goes; if absent, the images are placed before the text.",
+        help="The question. `<image>` (`<audio>`, ...) marks where each item goes; where absent, the items are "
+        "placed before the text.",
     ),
     max_new_tokens: int = typer.Option(32, help="Longest answer."),
     temperature: float = typer.Option(0.0, help="0 = greedy; > 0 samples."),
     top_p: float = typer.Option(1.0, help="Nucleus sampling mass (with temperature > 0)."),
     seed: int = typer.Option(0, help="Sampling seed."),
 ) -> None:
-    """Answer a prompt about one or more images."""
+    """Answer a prompt about one or more media items (images, audio clips)."""
     _quiet_transformers()
     from mmalign.data.processor import Conversation
     from mmalign.generate import generate as run
+    from mmalign.modalities import get_modality
 
     model, tokenizer, recipe = _load_for_inference(checkpoint)
     processor = _processor(tokenizer, model, recipe)
-    if image and recipe.model.image_token not in prompt:
-        prompt = f"{recipe.model.image_token}\n" * len(image) + prompt
-    conv = Conversation(id="cli", images=[str(p) for p in image], messages=[{"role": "user", "content": prompt}])
+    media = {m: [str(p) for p in items] for m, items in (("image", image), ("audio", audio)) if items}
+    for modality, items in media.items():
+        mark = get_modality(modality).placeholder
+        if mark not in prompt:
+            prompt = f"{mark}\n" * len(items) + prompt
+    conv = Conversation(id="cli", media=media, messages=[{"role": "user", "content": prompt}])
     ids = processor.prompt_ids(conv)
-    pixels = processor.pixels(conv)
     out = run(
         model,
         [ids],
-        pixels,
+        processor.media(conv),
         pad_id=tokenizer.pad_token_id,
         stop_ids=[tokenizer.eos_token_id],
         max_new_tokens=max_new_tokens,

@@ -1,6 +1,8 @@
 """Typed recipe configs: dataclasses that load from YAML, save to YAML and take `key=value` overrides.
 
-Every field carries a `help` string in its metadata; the CLI prints them, so `--help` documents every key.
+Every field carries a `help` string in its metadata; the CLI prints them, so `--help` documents every key. Choices
+are `Literal` types and numbers may carry a range (`ge`, `gt`): both are checked when a config is loaded or
+overridden, before any model is built, and the error names the key and what is allowed.
 """
 
 from __future__ import annotations
@@ -10,23 +12,31 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
 
-def _f(default: Any, help: str, **kw: Any) -> Any:
-    if isinstance(default, list | dict):
-        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help}, **kw)
-    return field(default=default, metadata={"help": help}, **kw)
+def _f(default: Any, help: str, **limits: Any) -> Any:
+    """A field with its help text and optional numeric limits (ge / gt: the value must be >= / > the limit)."""
+    metadata = {"help": help, **limits}
+    if isinstance(default, list | dict) or dataclasses.is_dataclass(default):
+        return field(default_factory=lambda d=default: _copy(d), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def _copy(value: Any) -> Any:
+    import copy
+
+    return copy.deepcopy(value)
 
 
 @dataclass
 class EncoderConfig:
-    name: str = _f("clip", "encoder family from the registry: clip | siglip")
-    path: str | None = _f(None, "folder of a Hugging Face vision model (or a full CLIP/SigLIP model); None = build")
-    preset: str | None = _f(None, "built-in size when building from config: tiny-vit")
-    config: dict = _f({}, "extra Hugging Face vision config keys when building from config")
+    name: str = _f("clip", "encoder from the registry: clip | siglip (images), audio-transformer (audio), ...")
+    path: str | None = _f(None, "folder of a pretrained encoder (HF vision model or mmalign encoder); None = build")
+    preset: str | None = _f(None, "built-in size when building from config (e.g. tiny-vit, tiny-audio)")
+    config: dict = _f({}, "extra config keys when building from config (e.g. a HF vision config's hidden_size)")
     feature_layer: int = _f(-2, "hidden layer whose output feeds the connector (LLaVA-1.5 uses -2)")
     keep_cls: bool = _f(False, "keep the CLS token (LLaVA 'full') or drop it ('default')")
 
@@ -38,68 +48,97 @@ class ConnectorConfig:
 
 
 @dataclass
+class MediaConfig:
+    """One modality's way into the LLM: its encoder(s) and its connector."""
+
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    extra_encoders: list[EncoderConfig] = _f(
+        [], "more encoders whose features are concatenated per token with `encoder`'s (Prismatic's DINOv2 + SigLIP)"
+    )
+    connector: ConnectorConfig = field(default_factory=ConnectorConfig)
+
+
+@dataclass
 class LLMConfig:
     path: str | None = _f(None, "folder of a Hugging Face causal LM; None = build from `config`")
     config: dict = _f({}, "Hugging Face config keys (with model_type) to build a fresh LLM")
     tokenizer: str | None = _f(None, "tokenizer folder; defaults to `path`")
-    dtype: str = _f("float32", "weights dtype: float32 | bfloat16 | float16")
+    dtype: Literal["float32", "bfloat16", "float16"] = _f("float32", "weights dtype")
+
+
+@dataclass
+class LoraConfig:
+    r: int = _f(16, "LoRA rank", ge=1)
+    alpha: int = _f(32, "LoRA alpha (scale = alpha / r)", ge=1)
+    dropout: float = _f(0.05, "LoRA dropout", ge=0.0)
+    targets: list[str] = _f(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        "LLM module names that get LoRA (only inside the LLM, never an encoder)",
+    )
 
 
 @dataclass
 class ModelConfig:
-    encoder: EncoderConfig = field(default_factory=EncoderConfig)
-    connector: ConnectorConfig = field(default_factory=ConnectorConfig)
+    family: str = _f("projector", "alignment family from the registry: projector (LLaVA-style early fusion)")
+    media: dict[str, MediaConfig] = _f(
+        {"image": MediaConfig()}, "per modality (image, audio, ...): its encoder(s) and connector"
+    )
     llm: LLMConfig = field(default_factory=LLMConfig)
-    image_token: str = _f("<image>", "placeholder in the text; expanded to one token per image feature")
-    lora: dict = _f({}, "LoRA adapters on the LLM ({r, alpha, dropout, targets}); set by train.finetune=lora")
+    lora: LoraConfig | None = _f(
+        None, "LoRA adapters the LLM carries; written by training when train.finetune=lora, not set by hand"
+    )
 
 
 @dataclass
 class DataConfig:
     train: str = _f("", "LLaVA-format JSON/JSONL for training")
     val: str | None = _f(None, "LLaVA-format JSON/JSONL for validation loss")
-    image_folder: str = _f("", "folder that the `image` paths are relative to")
-    template: str = _f("chat", "plain (stage 1: <image> caption) | chat (the tokenizer's chat template)")
+    image_folder: str = _f("", "folder that media paths (`image`, `audio`, ...) are relative to")
+    template: Literal["plain", "chat"] = _f(
+        "chat", "plain (stage 1: media then caption) | chat (the tokenizer's chat template)"
+    )
     chat_template: str | None = _f(
         None, "Jinja chat template replacing the tokenizer's (for LLMs that ship none); saved with the checkpoint"
     )
-    max_length: int = _f(512, "longest tokenized sample, image tokens included")
-    on_error: str = _f("skip", "bad sample: skip (count and go on) | raise (save a checkpoint, then stop)")
-    max_skip_fraction: float = _f(0.1, "stop when more than this fraction of samples seen were skipped")
-    num_workers: int = _f(0, "DataLoader worker processes")
-    blank_image_prob: float = _f(
-        0.0, "chance a training image is replaced by zeros (modality dropout: blind questions get prior answers)"
+    max_length: int = _f(512, "longest tokenized sample, media tokens included", ge=1)
+    on_error: Literal["skip", "raise"] = _f(
+        "skip", "bad sample: skip (count and go on) | raise (save a checkpoint, then stop)"
+    )
+    max_skip_fraction: float = _f(0.1, "stop when more than this fraction of samples seen were skipped", ge=0.0)
+    num_workers: int = _f(0, "DataLoader worker processes", ge=0)
+    blank_media_prob: float = _f(
+        0.0,
+        "chance a training media item is replaced by zeros (modality dropout: blind questions get prior answers)",
+        ge=0.0,
     )
 
 
 @dataclass
 class TrainConfig:
     out_dir: str = _f("runs/train", "where checkpoints and logs go")
-    trainable: list = _f(["connector"], "parameter groups to train: encoder, connector, llm")
-    finetune: str = _f("full", "how the LLM trains when in `trainable`: full | lora")
-    lora_r: int = _f(16, "LoRA rank")
-    lora_alpha: int = _f(32, "LoRA alpha")
-    lora_dropout: float = _f(0.05, "LoRA dropout")
-    lora_targets: list = _f(
-        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        "LLM module names that get LoRA (only inside the LLM, never the encoder)",
+    trainable: list[str] = _f(
+        ["connector"], "parameter groups to train, by name or prefix: encoder, encoder.image, connector, llm, ..."
     )
+    finetune: Literal["full", "lora"] = _f("full", "how the LLM trains when in `trainable`: full | lora")
+    lora: LoraConfig = field(default_factory=LoraConfig, metadata={"help": "LoRA settings (train.finetune=lora)"})
     init_from: str | None = _f(None, "checkpoint whose weights initialise this run (e.g. the stage-1 connector)")
-    lr: float = _f(1e-3, "peak learning rate")
-    connector_lr: float | None = _f(None, "learning rate for the connector group; None = lr")
-    weight_decay: float = _f(0.0, "AdamW weight decay (never on biases, norms or other 1-D parameters)")
-    betas: list = _f([0.9, 0.999], "AdamW betas")
-    warmup_ratio: float = _f(0.03, "fraction of steps with linear warm-up before the cosine decay")
-    epochs: float = _f(1.0, "passes over the training data (used when max_steps is 0)")
-    max_steps: int = _f(0, "optimizer steps; 0 = from epochs")
-    batch_size: int = _f(16, "samples per micro-batch")
-    grad_accum: int = _f(1, "micro-batches per optimizer step")
-    clip_grad: float = _f(1.0, "max gradient norm; 0 disables")
-    precision: str = _f("auto", "auto (bf16 autocast where the hardware has it) | bf16 | fp32")
+    lr: float = _f(1e-3, "peak learning rate", gt=0.0)
+    connector_lr: float | None = _f(None, "learning rate for the connector group; None = lr", gt=0.0)
+    weight_decay: float = _f(0.0, "AdamW weight decay (never on biases, norms or other 1-D parameters)", ge=0.0)
+    betas: list[float] = _f([0.9, 0.999], "AdamW betas")
+    warmup_ratio: float = _f(0.03, "fraction of steps with linear warm-up before the cosine decay", ge=0.0)
+    epochs: float = _f(1.0, "passes over the training data (used when max_steps is 0)", gt=0.0)
+    max_steps: int = _f(0, "optimizer steps; 0 = from epochs", ge=0)
+    batch_size: int = _f(16, "samples per micro-batch", ge=1)
+    grad_accum: int = _f(1, "micro-batches per optimizer step", ge=1)
+    clip_grad: float = _f(1.0, "max gradient norm; 0 disables", ge=0.0)
+    precision: Literal["auto", "bf16", "fp32"] = _f(
+        "auto", "auto (bf16 autocast where the hardware has it) | bf16 | fp32"
+    )
     seed: int = _f(0, "seed for init, data order and dropout")
-    eval_every: int = _f(0, "steps between validation passes; 0 = only at the end")
-    save_every: int = _f(0, "steps between resumable checkpoints; 0 = only at the end")
-    log_every: int = _f(10, "steps between log lines in metrics.jsonl")
+    eval_every: int = _f(0, "steps between validation passes; 0 = only at the end", ge=0)
+    save_every: int = _f(0, "steps between resumable checkpoints; 0 = only at the end", ge=0)
+    log_every: int = _f(10, "steps between log lines in metrics.jsonl", ge=0)
     device: str = _f("auto", "auto | cpu | cuda | cuda:N")
     progress: bool = _f(True, "show a progress bar")
 
@@ -114,28 +153,100 @@ class RecipeConfig:
 # --------------------------------------------------------------------------------------------- (de)serialising
 
 
+class ConfigError(ValueError):
+    """A config key with a value it cannot take; the message names the key and what is allowed."""
+
+
 def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def _optional_inner(hint: Any) -> Any:
+    """`X | None` -> X; anything else unchanged."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return hint
+
+
+def _item_hint(hint: Any) -> Any:
+    """The value type of a `list[X]` or `dict[str, X]` hint (Any for a bare list or dict)."""
+    args = typing.get_args(_optional_inner(hint))
+    return args[-1] if args else Any
+
+
 def from_dict(cls: type, data: dict | None, where: str = "") -> Any:
-    """Build dataclass `cls` from a nested dict, rejecting unknown keys by name."""
+    """Build dataclass `cls` from a nested dict, rejecting unknown keys and bad values by name."""
     data = dict(data or {})
     hints = typing.get_type_hints(cls)
-    kwargs = {}
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(data) - names
     if unknown:
         raise KeyError(f"unknown config key(s) {sorted(f'{where}{k}' for k in unknown)}; known: {sorted(names)}")
+    kwargs = {}
     for f in dataclasses.fields(cls):
-        if f.name not in data:
-            continue
-        value, hint = data[f.name], hints[f.name]
-        if dataclasses.is_dataclass(hint):
-            kwargs[f.name] = from_dict(hint, value, f"{where}{f.name}.")
-        else:
-            kwargs[f.name] = _convert(value, hint, f"{where}{f.name}")
+        if f.name in data:
+            kwargs[f.name] = _convert(data[f.name], hints[f.name], f"{where}{f.name}")
+            _check_limits(kwargs[f.name], f, f"{where}{f.name}")
     return cls(**kwargs)
+
+
+def _convert(value: Any, hint: Any, key: str) -> Any:
+    """Check a parsed value against a type hint, converting where the intent is clear."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for t in args:
+            if t is not type(None):
+                try:
+                    return _convert(value, t, key)
+                except (ConfigError, KeyError) as err:
+                    errors.append(err)
+        raise errors[0] if len(errors) == 1 else ConfigError(f"config key {key}={value!r}: expected {hint}")
+    if dataclasses.is_dataclass(hint):
+        if isinstance(value, hint):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key {key}={value!r}: expected a mapping of {hint.__name__} keys")
+        return from_dict(hint, value, f"{key}.")
+    if origin is Literal:
+        if value in args:
+            return value
+        raise ConfigError(f"config key {key}={value!r}: choose one of {', '.join(repr(a) for a in args)}")
+    if origin is list or hint is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"config key {key}={value!r}: expected a list")
+        return [_convert(v, _item_hint(hint), f"{key}.{i}") for i, v in enumerate(value)]
+    if origin is dict or hint is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key {key}={value!r}: expected a mapping")
+        return {k: _convert(v, _item_hint(hint), f"{key}.{k}") for k, v in value.items()}
+    if hint is Any:
+        return value
+    if hint is float and not isinstance(value, bool):
+        try:  # YAML 1.1 reads "2e-5" as a string; Python reads it as the float it is
+            return float(value)
+        except (TypeError, ValueError):
+            pass
+    if hint is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if hint is bool and isinstance(value, bool):
+        return value
+    if hint is str and value is not None and not isinstance(value, dict | list):
+        return value if isinstance(value, str) else str(value)
+    raise ConfigError(f"config key {key}={value!r}: expected {getattr(hint, '__name__', hint)}")
+
+
+def _check_limits(value: Any, f: dataclasses.Field, key: str) -> None:
+    if value is None or isinstance(value, bool) or not isinstance(value, int | float):
+        return
+    if "ge" in f.metadata and value < f.metadata["ge"]:
+        raise ConfigError(f"config key {key}={value!r}: must be >= {f.metadata['ge']}")
+    if "gt" in f.metadata and value <= f.metadata["gt"]:
+        raise ConfigError(f"config key {key}={value!r}: must be > {f.metadata['gt']}")
 
 
 def load_yaml(path: str | Path, cls: type = RecipeConfig) -> Any:
@@ -150,60 +261,107 @@ def save_yaml(cfg: Any, path: str | Path) -> None:
         yaml.safe_dump(data, fh, sort_keys=False)
 
 
-def _convert(value: Any, hint: Any, key: str) -> Any:
-    """Check a parsed value against the field's type hint, converting where the intent is clear."""
-    origin = typing.get_origin(hint)
-    allowed = typing.get_args(hint) if origin in (typing.Union, types.UnionType) else (hint,)
-    if value is None and type(None) in allowed:
-        return None
-    for t in allowed:
-        base = typing.get_origin(t) or t
-        if base is float and not isinstance(value, bool):
-            try:  # YAML 1.1 reads "2e-5" as a string; Python reads it as the float it is
-                return float(value)
-            except (TypeError, ValueError):
-                pass
-        if base is str and value is not None:
-            return value if isinstance(value, str) else str(value)
-        if base is not type(None) and isinstance(value, base):
-            return value
-    raise ValueError(f"config key {key}={value!r}: expected {hint}")
+def _is_text(hint: Any) -> bool:
+    """A string field (or a choice of strings): the override's text is kept as typed, since YAML would turn
+    `1.10` into 1.1 and `no` into False."""
+    hint = _optional_inner(hint)
+    if typing.get_origin(hint) is Literal:
+        return all(isinstance(a, str) for a in typing.get_args(hint))
+    return hint is str
 
 
-def _coerce(text: str, hint: Any, key: str) -> Any:
-    """Turn the text of `key=value` into the field's type; YAML syntax covers lists, dicts and None. A string
-    field keeps the text as typed (YAML would turn `1.10` into 1.1 and `no` into False)."""
+def _parse(text: str, hint: Any, key: str) -> Any:
     value = yaml.safe_load(text)
-    origin = typing.get_origin(hint)
-    allowed = typing.get_args(hint) if origin in (typing.Union, types.UnionType) else (hint,)
-    if str in allowed and not (value is None and type(None) in allowed):
-        return text
+    if _is_text(hint) and not (value is None and _optional_inner(hint) is not hint):
+        value = text
     return _convert(value, hint, key)
 
 
+def _child(node: Any, hint: Any, name: str, key: str) -> tuple[Any, Any]:
+    """Step from `node` (a dataclass, dict or list, whose type hint is `hint`) to its part `name`, creating
+    missing dict entries, list slots and optional sections with their defaults."""
+    if dataclasses.is_dataclass(node):
+        if name not in {f.name for f in dataclasses.fields(node)}:
+            raise KeyError(f"unknown config key {key!r}")
+        child_hint = typing.get_type_hints(type(node))[name]
+        if getattr(node, name) is None and dataclasses.is_dataclass(_optional_inner(child_hint)):
+            setattr(node, name, _optional_inner(child_hint)())
+        return getattr(node, name), child_hint
+    item = _item_hint(hint)
+    if isinstance(node, dict):
+        if name not in node:
+            node[name] = item() if dataclasses.is_dataclass(item) else {}
+        return node[name], item
+    if isinstance(node, list):
+        if not name.isdigit() or int(name) > len(node):
+            raise KeyError(f"config key {key!r}: {name!r} is not an index of a {len(node)}-item list")
+        if int(name) == len(node):
+            node.append(item() if dataclasses.is_dataclass(item) else None)
+        return node[int(name)], item
+    raise KeyError(f"unknown config key {key!r}")
+
+
 def apply_overrides(cfg: Any, overrides: list[str]) -> Any:
-    """Apply `a.b.c=value` strings in place; unknown keys and wrong types are errors that name the key."""
+    """Apply `a.b.c=value` strings in place; unknown keys, wrong types and values out of range are errors that
+    name the key. Dict entries and list items are reached by name and index (`model.media.image.encoder.path`,
+    `model.media.image.extra_encoders.0.name`)."""
     for item in overrides:
         if "=" not in item:
-            raise ValueError(f"override {item!r} must look like key=value (e.g. train.lr=1e-4)")
+            raise ConfigError(f"override {item!r} must look like key=value (e.g. train.lr=1e-4)")
         key, text = item.split("=", 1)
         *parents, leaf = key.strip().split(".")
-        node = cfg
+        node, hint = cfg, type(cfg)
         for p in parents:
-            if isinstance(node, dict):  # inside a free-form dict such as llm.config: create levels as needed
-                node = node.setdefault(p, {})
-                continue
-            if not dataclasses.is_dataclass(node) or not hasattr(node, p):
+            node, hint = _child(node, hint, p, key)
+        if dataclasses.is_dataclass(node):
+            fields = {f.name: f for f in dataclasses.fields(node)}
+            if leaf not in fields:
                 raise KeyError(f"unknown config key {key!r}")
-            node = getattr(node, p)
-        if not dataclasses.is_dataclass(node) or leaf not in {f.name for f in dataclasses.fields(node)}:
-            if isinstance(node, dict):  # free-form dicts such as llm.config
-                node[leaf] = yaml.safe_load(text)
-                continue
+            value = _parse(text, typing.get_type_hints(type(node))[leaf], key)
+            _check_limits(value, fields[leaf], key)
+            setattr(node, leaf, value)
+        elif isinstance(node, dict):
+            node[leaf] = _parse(text, _item_hint(hint), key)
+        elif isinstance(node, list):
+            _child(node, hint, leaf, key)  # checks the index, appends a slot at the end
+            node[int(leaf)] = _parse(text, _item_hint(hint), key)
+        else:
             raise KeyError(f"unknown config key {key!r}")
-        hint = typing.get_type_hints(type(node))[leaf]
-        setattr(node, leaf, _coerce(text, hint, key))
     return cfg
+
+
+def resolve_recipe(name_or_path: str | Path) -> Path:
+    """A YAML path, or the name of a recipe shipped in mmalign/recipes (e.g. `shapes_stage1`)."""
+    from importlib import resources
+
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    shipped = resources.files("mmalign") / "recipes" / f"{name_or_path}.yaml"
+    if shipped.is_file():
+        return Path(str(shipped))
+    known = sorted(p.name.removesuffix(".yaml") for p in (resources.files("mmalign") / "recipes").iterdir())
+    raise FileNotFoundError(f"no recipe file {name_or_path!r} and no shipped recipe of that name; shipped: {known}")
+
+
+def load_recipe(name_or_path: str | Path, overrides: list[str] = ()) -> RecipeConfig:
+    """A recipe by path or shipped name, with `key=value` overrides applied and cross-key checks made."""
+    cfg = apply_overrides(load_yaml(resolve_recipe(name_or_path)), list(overrides))
+    check_recipe(cfg)
+    return cfg
+
+
+def check_recipe(cfg: RecipeConfig) -> None:
+    """Checks across keys that no single field can make."""
+    if cfg.model.lora is not None and cfg.train.finetune != "lora":
+        raise ConfigError(
+            "model.lora is set but train.finetune is 'full': adapters would be built and the whole LLM trained "
+            "anyway; set train.finetune=lora (LoRA settings live in train.lora) or model.lora=null"
+        )
+    if cfg.train.finetune == "lora" and not any(g == "llm" or g.startswith("llm.") for g in cfg.train.trainable):
+        raise ConfigError(f"train.finetune=lora adapts the LLM, but train.trainable={cfg.train.trainable} has no llm")
+    if not cfg.model.media:
+        raise ConfigError("model.media is empty: name at least one modality (e.g. image)")
 
 
 def describe(cls: type = RecipeConfig, prefix: str = "") -> list[tuple[str, str, str]]:
@@ -212,9 +370,16 @@ def describe(cls: type = RecipeConfig, prefix: str = "") -> list[tuple[str, str,
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         hint = hints[f.name]
+        item = _item_hint(hint)
         if dataclasses.is_dataclass(hint):
             rows += describe(hint, f"{prefix}{f.name}.")
             continue
+        if typing.get_origin(hint) is dict and dataclasses.is_dataclass(item):
+            rows += describe(item, f"{prefix}{f.name}.<modality>.")
+            continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        rows.append((prefix + f.name, repr(default), f.metadata.get("help", "")))
+        help_text = f.metadata.get("help", "")
+        if typing.get_origin(_optional_inner(hint)) is Literal:
+            help_text += f" (one of {', '.join(typing.get_args(_optional_inner(hint)))})"
+        rows.append((prefix + f.name, repr(default), help_text))
     return rows

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import torch
 from rich.progress import Progress
+from torch import nn
 
+from mmalign.data.dataset import collate_media
 from mmalign.data.processor import Processor, SampleError, parse_record, read_records
 from mmalign.generate import generate
-from mmalign.models.multimodal import MultimodalLM
 
 # The official VQA evaluation's normalisation (Antol et al. 2015; vqaEval.py): punctuation, digits, articles,
 # contractions. A subset of its contraction table covers the forms short answers use.
@@ -55,10 +56,10 @@ def vqa_score(prediction: str, answers: list[str]) -> float:
 
 
 def evaluate_vqa(
-    model: MultimodalLM,
+    model: nn.Module,
     processor: Processor,
     data: str | Path,
-    image_folder: str | Path,
+    media_folder: str | Path,
     *,
     batch_size: int = 64,
     max_new_tokens: int = 8,
@@ -68,7 +69,7 @@ def evaluate_vqa(
 ) -> dict:
     """Greedy answers to the last user turn of each sample; scores against the last assistant turn (or `answers`).
 
-    `blind=True` replaces every image with zeros: the same model, no visual information.
+    `blind=True` replaces every media item (of every modality) with zeros: the same model, no media information.
     Returns {"accuracy", "by_type": {type: (accuracy, n)}, "predictions": [...], "skipped": [...]}.
     """
     records = read_records(data)[:limit]
@@ -79,29 +80,32 @@ def evaluate_vqa(
     with Progress(disable=not progress, transient=True) as bar:
         task = bar.add_task("eval (blind)" if blind else "eval", total=len(records))
         for start in range(0, len(records), batch_size):
-            prompts, pixels, items = [], [], []
+            prompts, media, items = [], [], []
             for index in range(start, min(start + batch_size, len(records))):
                 rec = records[index]
                 try:
                     conv = parse_record(rec, index)
                     ids = processor.prompt_ids(conv)
-                    px = processor.pixels(conv, image_folder)
+                    sample_media = processor.media(conv, media_folder)
                 except SampleError as err:
                     skipped.append(str(err))
                     continue
                 answers = rec.get("answers") or [conv.messages[-1]["content"]]
                 prompts.append(ids)
                 items.append((conv, answers))
-                if px is not None:
-                    pixels.append(torch.zeros_like(px) if blind else px)
+                media.append({m: torch.zeros_like(x) if blind else x for m, x in sample_media.items()})
             if prompts:
-                pv = torch.cat(pixels) if pixels else None
                 outs = generate(
-                    model, prompts, pv, pad_id=tok.pad_token_id, stop_ids=stop_ids, max_new_tokens=max_new_tokens
+                    model,
+                    prompts,
+                    collate_media(media),
+                    pad_id=tok.pad_token_id,
+                    stop_ids=stop_ids,
+                    max_new_tokens=max_new_tokens,
                 )
                 for (conv, answers), out in zip(items, outs, strict=True):
                     pred = tok.decode(out, skip_special_tokens=True).strip()
-                    qtype = conv.meta.get("question_type", "all")
+                    qtype = conv.meta.get("question_type")
                     predictions.append(
                         {
                             "id": conv.id,
@@ -114,7 +118,8 @@ def evaluate_vqa(
             bar.update(task, completed=min(start + batch_size, len(records)))
     by_type: dict[str, list[float]] = defaultdict(list)
     for p in predictions:
-        by_type[p["type"]].append(p["score"])
+        if p["type"] is not None:  # untyped samples count only in the overall accuracy
+            by_type[p["type"]].append(p["score"])
     scores = [p["score"] for p in predictions]
     return {
         "accuracy": sum(scores) / max(len(scores), 1),
@@ -125,10 +130,14 @@ def evaluate_vqa(
     }
 
 
-def majority_baseline(data: str | Path) -> dict[str, float]:
-    """Per question type, the accuracy of always giving that type's most common answer."""
-    counts: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+def majority_baseline(data: str | Path) -> dict:
+    """The accuracy of always giving a question type's most common answer: {"by_type": {type: accuracy}, "all":
+    over every sample (untyped samples get the most common answer among untyped ones)}."""
+    counts: dict[str | None, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     for rec in read_records(data):
-        qtype = rec.get("question_type", "all")
-        counts[qtype][normalize_answer(rec["conversations"][-1]["value"])] += 1
-    return {t: max(c.values()) / sum(c.values()) for t, c in sorted(counts.items())}
+        counts[rec.get("question_type")][normalize_answer(rec["conversations"][-1]["value"])] += 1
+    total = sum(sum(c.values()) for c in counts.values())
+    return {
+        "by_type": {t: max(c.values()) / sum(c.values()) for t, c in sorted(counts.items()) if t is not None},
+        "all": sum(max(c.values()) for c in counts.values()) / max(total, 1),
+    }

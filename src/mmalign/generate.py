@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import torch
-
-from mmalign.models.multimodal import MultimodalLM
+from torch import nn
 
 
 def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -33,9 +32,9 @@ def _pick(logits: torch.Tensor, temperature: float, top_p: float, generator: tor
 
 @torch.no_grad()
 def generate(
-    model: MultimodalLM,
+    model: nn.Module,
     prompts: list[list[int]],
-    pixel_values: torch.Tensor | None,
+    media: dict[str, torch.Tensor] | None = None,
     *,
     pad_id: int,
     stop_ids: list[int],
@@ -44,22 +43,17 @@ def generate(
     top_p: float = 1.0,
     seed: int | None = None,
 ) -> list[list[int]]:
-    """New token ids per prompt (stop token excluded). `pixel_values` holds every image of every prompt in order."""
+    """New token ids per prompt (stop token excluded), for any family: the model's `prefill` runs the prompts and
+    their media once, `step` continues one token at a time with its KV cache. `media` holds, per modality, every
+    item of every prompt in order."""
     device = next(model.parameters()).device
     ids, mask = left_pad(prompts, pad_id)
-    ids, mask = ids.to(device), mask.to(device)
-    if pixel_values is not None:
-        pixel_values = pixel_values.to(device)
+    media = {m: x.to(device) for m, x in (media or {}).items()}
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-    embeds = model.embed(ids, pixel_values)  # (B, T, D)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: real tokens start at position 0
-    out = model.decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True)
-    cache = out.past_key_values
-    logits = model.lm_head(out.last_hidden_state[:, -1])  # (B, V): only the last position is needed
+    logits, state = model.prefill(ids.to(device), mask.to(device), media)
     stops = torch.tensor(stop_ids, device=device)
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     result: list[list[int]] = [[] for _ in prompts]
-    next_pos = positions[:, -1]
     for _ in range(max_new_tokens):
         token = _pick(logits, temperature, top_p, generator)
         done |= torch.isin(token, stops)
@@ -67,15 +61,5 @@ def generate(
             result[i].append(int(token[i]))
         if bool(done.all()):
             break
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        next_pos = next_pos + 1
-        out = model.decoder(
-            inputs_embeds=model.llm.get_input_embeddings()(token[:, None]),
-            attention_mask=mask,
-            position_ids=next_pos[:, None],
-            past_key_values=cache,
-            use_cache=True,
-        )
-        cache = out.past_key_values
-        logits = model.lm_head(out.last_hidden_state[:, -1])
+        logits = model.step(state, token)
     return result

@@ -5,29 +5,12 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from importlib import resources
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
-from mmalign.config import RecipeConfig, apply_overrides, load_yaml
-
-
-def resolve_recipe(name_or_path: str | Path) -> Path:
-    """A YAML path, or the name of a recipe shipped in mmalign/recipes (e.g. `shapes_stage1`)."""
-    path = Path(name_or_path)
-    if path.is_file():
-        return path
-    shipped = resources.files("mmalign") / "recipes" / f"{name_or_path}.yaml"
-    if shipped.is_file():
-        return Path(str(shipped))
-    known = sorted(p.name.removesuffix(".yaml") for p in (resources.files("mmalign") / "recipes").iterdir())
-    raise FileNotFoundError(f"no recipe file {name_or_path!r} and no shipped recipe of that name; shipped: {known}")
-
-
-def load_recipe(name_or_path: str | Path, overrides: list[str] = ()) -> RecipeConfig:
-    return apply_overrides(load_yaml(resolve_recipe(name_or_path)), list(overrides))
+from mmalign.config import load_recipe
 
 
 def _fmt(acc: dict) -> str:
@@ -86,10 +69,11 @@ def run_quickstart(
 ) -> dict:
     """Stage 0, 1 and 2 on the embedded shapes data, then test accuracy vs a blind baseline. The size arguments
     shrink the run (tests use them); the defaults are what the README reports."""
+    from mmalign.data.processor import processor_for
     from mmalign.data.shapes import write_shapes_dataset
     from mmalign.evaluate import evaluate_vqa, majority_baseline
     from mmalign.train.checkpoint import load_checkpoint
-    from mmalign.train.loop import make_processor, train
+    from mmalign.train.loop import train
 
     console = console or Console()
     out, data = Path(out), Path(data)
@@ -101,7 +85,7 @@ def run_quickstart(
     pretrain_base(data, out / "base", vision=vision, vision_steps=vision_steps, lm_steps=lm_steps, seed=seed,
                   console=console, progress=progress)  # fmt: skip
     common = [
-        f"model.encoder.path={out / 'base/encoder'}",
+        f"model.media.image.encoder.path={out / 'base/encoder'}",
         f"model.llm.path={out / 'base/lm'}",
         f"data.image_folder={data / 'images'}",
         f"train.seed={seed}",
@@ -133,7 +117,7 @@ def run_quickstart(
     train_seconds = time.time() - start
 
     model, tokenizer, _ = load_checkpoint(out / "stage2")
-    processor = make_processor(tokenizer, model, stage2)
+    processor = processor_for(model, tokenizer, stage2.data)
     test, images = data / "qa_test.json", data / "images"
     seen = evaluate_vqa(model, processor, test, images, progress=progress)
     blind = evaluate_vqa(model, processor, test, images, blind=True, progress=progress)
@@ -144,8 +128,10 @@ def run_quickstart(
     for col in ("question type", "n", "model", "blind (zero image)", "majority answer"):
         table.add_column(col, justify="left" if col == "question type" else "right")
     for qtype, (acc, n) in seen["by_type"].items():
-        table.add_row(qtype, str(n), f"{acc:.1%}", f"{blind['by_type'][qtype][0]:.1%}", f"{majority[qtype]:.1%}")
-    overall_majority = sum(majority.values()) / len(majority)  # types are balanced in the test split
+        table.add_row(
+            qtype, str(n), f"{acc:.1%}", f"{blind['by_type'][qtype][0]:.1%}", f"{majority['by_type'][qtype]:.1%}"
+        )
+    overall_majority = majority["all"]
     table.add_row(
         "all", str(seen["n"]), f"{seen['accuracy']:.1%}", f"{blind['accuracy']:.1%}", f"{overall_majority:.1%}"
     )
@@ -162,7 +148,7 @@ def run_quickstart(
         "blind_accuracy": blind["accuracy"],
         "majority_accuracy": overall_majority,
         "by_type": {
-            t: {"model": a, "blind": blind["by_type"][t][0], "majority": majority[t]}
+            t: {"model": a, "blind": blind["by_type"][t][0], "majority": majority["by_type"][t]}
             for t, (a, _) in seen["by_type"].items()
         },
         "seconds": seconds,

@@ -1,4 +1,5 @@
-"""Named registries for encoders, connectors and LLMs, so a new one is one decorated function in one file."""
+"""Named registries for encoders, connectors, alignment families and modalities, so a new one is one decorated
+function (or one registered object) in one file."""
 
 from __future__ import annotations
 
@@ -41,6 +42,12 @@ class Registry:
                 return fn(**extra, **kwargs)
         raise KeyError(f"unknown {self.kind} {name!r}; registered: {', '.join(self.names())}")
 
+    def get(self, name: str) -> Any:
+        """The registered object itself (for registries of objects rather than builders)."""
+        if name not in self._builders:
+            raise KeyError(f"unknown {self.kind} {name!r}; registered: {', '.join(self.names())}")
+        return self._builders[name]
+
     def names(self) -> list[str]:
         return sorted(self._builders) + [f"<{fn.__name__}>" for _, fn in self._patterns]
 
@@ -50,5 +57,7 @@ class Registry:
 
 ENCODERS = Registry("encoder")
 CONNECTORS = Registry("connector")
+FAMILIES = Registry("family")
 register_encoder = ENCODERS.register
 register_connector = CONNECTORS.register
+register_family = FAMILIES.register

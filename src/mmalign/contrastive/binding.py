@@ -23,25 +23,9 @@ from mmalign.contrastive.losses import ClipLoss
 from mmalign.contrastive.model import DualEncoder, PooledEncoder, TextTower, minilm_path
 from mmalign.contrastive.train import _distinct_batch, _load_heads, zero_shot_from_prompts
 from mmalign.data.shapes import Scene, load_split
-from mmalign.modalities.audio import spectrogram, synth_scene_audio
+from mmalign.modalities.audio import AudioEncoder, spectrogram, synth_scene_audio
 from mmalign.models.encoders import clip_encoder
 from mmalign.train.optim import decay_groups, warmup_cosine
-
-
-class AudioEncoder(nn.Module):
-    """Spectrogram frames -> a small Transformer: (B, frames, bins) -> (B, frames, dim)."""
-
-    def __init__(self, *, n_bins: int = 129, dim: int = 64, depth: int = 2, heads: int = 4, max_frames: int = 64):
-        super().__init__()
-        self.hidden_size = dim
-        self.inp = nn.Linear(n_bins, dim)
-        self.pos = nn.Parameter(torch.zeros(max_frames, dim))
-        layer = nn.TransformerEncoderLayer(dim, heads, 2 * dim, dropout=0.0, batch_first=True, norm_first=True)
-        self.blocks = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
-
-    def forward(self, spec: torch.Tensor) -> torch.Tensor:
-        x = self.inp(spec) + self.pos[: spec.shape[1]]  # (B, frames, dim)
-        return self.blocks(x)
 
 
 def load_lit(lit_dir: str | Path) -> tuple[DualEncoder, TextTower]:

@@ -8,14 +8,14 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
+from mmalign.constants import IGNORE_INDEX
 from mmalign.data.processor import Processor, SampleError, parse_record, read_records
-from mmalign.models.multimodal import IGNORE_INDEX
 
 
 class ConversationDataset(Dataset):
-    def __init__(self, path: str | Path, image_folder: str | Path, processor: Processor):
+    def __init__(self, path: str | Path, media_folder: str | Path, processor: Processor):
         self.records = read_records(path)
-        self.image_folder = Path(image_folder)
+        self.media_folder = Path(media_folder)
         self.processor = processor
 
     def __len__(self) -> int:
@@ -26,14 +26,23 @@ class ConversationDataset(Dataset):
         try:
             conv = parse_record(record, index)
             input_ids, labels = self.processor.tokenize(conv)
-            pixels = self.processor.pixels(conv, self.image_folder)
+            media = self.processor.media(conv, self.media_folder)
         except SampleError as err:
             return {"id": err.sample_id, "error": str(err)}
-        return {"id": conv.id, "input_ids": input_ids, "labels": labels, "pixel_values": pixels}
+        return {"id": conv.id, "input_ids": input_ids, "labels": labels, "media": media}
+
+
+def collate_media(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Per modality, every item of every sample concatenated in sample order: {modality: (items, ...)}."""
+    out: dict[str, list[torch.Tensor]] = {}
+    for media in items:
+        for modality, tensor in media.items():
+            out.setdefault(modality, []).append(tensor)
+    return {m: torch.cat(ts) for m, ts in out.items()}
 
 
 class Collator:
-    """Right-pads a batch; pixel_values of all images in the batch are stacked in sample order."""
+    """Right-pads a batch; media of all samples are concatenated per modality in sample order."""
 
     def __init__(self, pad_id: int):
         self.pad_id = pad_id
@@ -53,12 +62,8 @@ class Collator:
             ids[row, :n] = torch.tensor(it["input_ids"])
             labels[row, :n] = torch.tensor(it["labels"])
             mask[row, :n] = 1
-        pixels = [it["pixel_values"] for it in good if it["pixel_values"] is not None]
         batch.update(
-            input_ids=ids,
-            labels=labels,
-            attention_mask=mask,
-            pixel_values=torch.cat(pixels) if pixels else None,
+            input_ids=ids, labels=labels, attention_mask=mask, media=collate_media([it["media"] for it in good])
         )
         return batch
 

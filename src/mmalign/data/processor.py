@@ -1,4 +1,5 @@
-"""From a LLaVA-format record to model inputs: messages, token ids with expanded image tokens, and labels.
+"""From a LLaVA-format record to model inputs: messages, token ids with expanded media tokens, labels and media
+tensors keyed by modality.
 
 Labels come from per-turn token spans of the chat template: the template's `{% generation %}` mask when it has
 one, otherwise the growth of the rendered conversation turn by turn (each render must extend the previous one,
@@ -14,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from mmalign.modalities.image import MediaError, load_image, preprocess_image
-from mmalign.models.multimodal import IGNORE_INDEX
+from mmalign.constants import IGNORE_INDEX
+from mmalign.modalities import MODALITIES, MediaError, get_modality
 
 _GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -33,7 +34,7 @@ class SampleError(ValueError):
 @dataclass
 class Conversation:
     id: object
-    images: list[str]
+    media: dict[str, list]  # modality -> its items (paths relative to the media folder, or arrays / bytes)
     messages: list[dict]
     meta: dict = field(default_factory=dict)
 
@@ -52,8 +53,16 @@ def read_records(path: str | Path) -> list[dict]:
     return data
 
 
+def _media_keys() -> dict[str, str]:
+    """{record key: modality} over every registered modality (`image` -> image, `audio` -> audio, ...)."""
+    import mmalign.modalities  # noqa: F401  (registers the built-in modalities)
+
+    return {MODALITIES.get(name).record_key: name for name in MODALITIES.names()}
+
+
 def parse_record(record: dict, index: int) -> Conversation:
-    """Validate one LLaVA record: `id`, optional `image` (path or list), `conversations` of {from, value}."""
+    """Validate one LLaVA record: `id`, `conversations` of {from, value}, and optional media keyed by modality:
+    `image` (a path or a list of paths, as LLaVA), `audio`, ... (each registered modality's record key)."""
     if not isinstance(record, dict):
         raise SampleError(f"#{index}", f"expected a JSON object, got {type(record).__name__}")
     sample_id = record.get("id", f"#{index}")
@@ -70,38 +79,51 @@ def parse_record(record: dict, index: int) -> Conversation:
         messages.append({"role": role, "content": str(turn.get("value", ""))})
     if not any(m["role"] == "assistant" for m in messages):
         raise SampleError(sample_id, "conversation has no assistant (gpt) turn")
-    image = record.get("image")
-    images = [] if image is None else [image] if isinstance(image, str) else image
-    if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
-        raise SampleError(sample_id, f"image must be a path or a list of paths, got {image!r}")
-    meta = {k: v for k, v in record.items() if k not in ("id", "image", "conversations")}
-    return Conversation(id=sample_id, images=images, messages=messages, meta=meta)
+    keys = _media_keys()
+    media = {}
+    for key, modality in keys.items():
+        value = record.get(key)
+        if value is None:
+            continue
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+            raise SampleError(sample_id, f"{key} must be a path or a list of paths, got {value!r}")
+        if items:
+            media[modality] = items
+    meta = {k: v for k, v in record.items() if k not in ("id", "conversations", *keys)}
+    return Conversation(id=sample_id, media=media, messages=messages, meta=meta)
+
+
+@dataclass(frozen=True)
+class MediaSpec:
+    """How one modality enters a sample: its placeholder, the id it expands to, how many ids per item, and the
+    encoder whose settings preprocessing follows."""
+
+    modality: str
+    placeholder: str
+    token_id: int
+    tokens_per_item: int
+    encoder: object
+
+    def tensor(self, source, sample_id, folder: str | Path = "") -> torch.Tensor:
+        modality = get_modality(self.modality)
+        try:
+            return modality.preprocess(modality.load(modality.resolve(source, folder)), self.encoder)
+        except MediaError as err:
+            raise SampleError(sample_id, str(err)) from err
 
 
 class Processor:
-    """Turns a Conversation into `input_ids`, `labels` and `pixel_values` for one sample."""
+    """Turns a Conversation into `input_ids`, `labels` and media tensors keyed by modality for one sample."""
 
-    def __init__(
-        self,
-        tokenizer,
-        *,
-        image_token: str,
-        tokens_per_image: int,
-        image_size: int,
-        mean: tuple,
-        std: tuple,
-        template: str = "chat",
-        max_length: int = 2048,
-    ):
+    def __init__(self, tokenizer, *, media: list[MediaSpec], template: str = "chat", max_length: int = 2048):
         if template not in ("chat", "plain"):
             raise ValueError(f"template must be chat or plain, got {template!r}")
         if template == "chat" and not tokenizer.chat_template:
             raise ValueError("template=chat but the tokenizer has no chat_template")
         self.tokenizer = tokenizer
-        self.image_token = image_token
-        self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
-        self.tokens_per_image = tokens_per_image
-        self.image_size, self.mean, self.std = image_size, mean, std
+        self.specs = {spec.modality: spec for spec in media}
+        self.by_token = {spec.token_id: spec for spec in media}
         self.template = template
         self.max_length = max_length
 
@@ -137,7 +159,7 @@ class Processor:
         return ids, labels
 
     def _plain(self, conv: Conversation) -> tuple[list[int], list[int]]:
-        # LLaVA stage 1: the images, then the caption (first assistant turn); the human prompt is dropped.
+        # LLaVA stage 1: the media, then the caption (first assistant turn); the human prompt is dropped.
         tok = self.tokenizer
         caption = next(m["content"] for m in conv.messages if m["role"] == "assistant")
         head = self._plain_head(conv)
@@ -146,10 +168,12 @@ class Processor:
 
     def _plain_head(self, conv: Conversation) -> list[int]:
         bos = self.tokenizer.bos_token_id
-        return ([bos] if bos is not None else []) + [self.image_token_id] * len(conv.images)
+        marks = [self.specs[m].token_id for m, items in conv.media.items() if m in self.specs for _ in items]
+        return ([bos] if bos is not None else []) + marks
 
     def tokenize(self, conv: Conversation) -> tuple[list[int], list[int]]:
-        """Token ids with each `<image>` expanded to `tokens_per_image` ids, and labels (-100 = not trained)."""
+        """Token ids with each placeholder (`<image>`, ...) expanded to its modality's `tokens_per_item` ids, and
+        labels (-100 = not trained)."""
         ids, labels = self._plain(conv) if self.template == "plain" else self._chat_spans(conv)
         return self._expand(conv, ids, labels)
 
@@ -167,17 +191,22 @@ class Processor:
         return self._expand(conv, ids, None)[0]
 
     def _expand(self, conv: Conversation, ids: list[int], labels: list[int] | None):
-        n_marks = sum(t == self.image_token_id for t in ids)
-        if n_marks != len(conv.images):
-            raise SampleError(
-                conv.id, f"{n_marks} {self.image_token} placeholders in the text but {len(conv.images)} images"
-            )
+        unread = sorted(set(conv.media) - set(self.specs))
+        if unread:
+            raise SampleError(conv.id, f"has {', '.join(unread)} but this model reads only {', '.join(self.specs)}")
+        for modality, spec in self.specs.items():
+            n_marks, n_items = sum(t == spec.token_id for t in ids), len(conv.media.get(modality, []))
+            if n_marks != n_items:
+                raise SampleError(
+                    conv.id, f"{n_marks} {spec.placeholder} placeholders in the text but {n_items} {modality} items"
+                )
         out_ids: list[int] = []
         out_labels: list[int] = []
         for i, t in enumerate(ids):
-            if t == self.image_token_id:
-                out_ids += [t] * self.tokens_per_image
-                out_labels += [IGNORE_INDEX] * self.tokens_per_image
+            spec = self.by_token.get(t)
+            if spec is not None:
+                out_ids += [t] * spec.tokens_per_item
+                out_labels += [IGNORE_INDEX] * spec.tokens_per_item
             else:
                 out_ids.append(t)
                 out_labels.append(labels[i] if labels is not None else IGNORE_INDEX)
@@ -188,16 +217,28 @@ class Processor:
         return out_ids, out_labels
 
     # ------------------------------------------------------------------------------------------- media
-    def pixels(self, conv: Conversation, image_folder: str | Path = "") -> torch.Tensor | None:
-        """(images, 3, H, W) or None for a text-only sample."""
-        if not conv.images:
-            return None
-        tensors = []
-        for item in conv.images:
-            source = item if not isinstance(item, str) else Path(image_folder) / item
-            try:
-                img = load_image(source)
-            except MediaError as err:
-                raise SampleError(conv.id, str(err)) from err
-            tensors.append(preprocess_image(img, self.image_size, self.mean, self.std))
-        return torch.stack(tensors)
+    def media(self, conv: Conversation, folder: str | Path = "") -> dict[str, torch.Tensor]:
+        """{modality: (items, ...)} for the modalities the sample has; empty for a text-only sample."""
+        return {
+            m: torch.stack([self.specs[m].tensor(item, conv.id, folder) for item in items])
+            for m, items in conv.media.items()
+            if m in self.specs
+        }
+
+
+def processor_for(model, tokenizer, data_cfg) -> Processor:
+    """The processor that feeds `model` (any family): one MediaSpec per modality it reads, the recipe's template.
+    A recipe's own chat template (data.chat_template) replaces the tokenizer's."""
+    if data_cfg.chat_template:
+        tokenizer.chat_template = data_cfg.chat_template
+    specs = [
+        MediaSpec(
+            modality=m,
+            placeholder=get_modality(m).placeholder,
+            token_id=model.media_token_ids[m],
+            tokens_per_item=model.tokens_per_item(m),
+            encoder=model.encoders[m],
+        )
+        for m in model.modalities
+    ]
+    return Processor(tokenizer, media=specs, template=data_cfg.template, max_length=data_cfg.max_length)

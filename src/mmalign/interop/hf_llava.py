@@ -12,18 +12,21 @@ from pathlib import Path
 
 from torch import nn
 
-from mmalign.config import ConnectorConfig, EncoderConfig, LLMConfig, ModelConfig
+from mmalign.config import ConnectorConfig, EncoderConfig, LLMConfig, MediaConfig, ModelConfig
+from mmalign.modalities import get_modality
 from mmalign.models.builder import build_model
 from mmalign.models.connectors import MLPProjector
-from mmalign.models.encoders import read_image_norm
+from mmalign.models.encoders import VisionEncoder, read_image_norm
+from mmalign.models.llm import special_token_ids
 from mmalign.models.multimodal import MultimodalLM
 from mmalign.train.checkpoint import save_checkpoint
 
+IMAGE_TOKEN = get_modality("image").placeholder
 
-def _strategy(model: MultimodalLM) -> str:
+
+def _strategy(encoder: VisionEncoder) -> str:
     # Llava's "default" drops the first token; a SigLIP tower has no CLS to drop, so it must be "full".
-    enc = model.encoder
-    return "default" if enc.has_cls and not enc.keep_cls else "full"
+    return "default" if encoder.has_cls and not encoder.keep_cls else "full"
 
 
 def _plain_llm(model: MultimodalLM) -> nn.Module:
@@ -38,20 +41,26 @@ def export_hf_llava(model: MultimodalLM, tokenizer, model_cfg: ModelConfig, out:
     """Write `out` so that LlavaForConditionalGeneration.from_pretrained and AutoProcessor load it."""
     from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
-    connector = model.connector
+    if getattr(model, "family", None) != "projector" or model.modalities != ["image"]:
+        raise ValueError(
+            f"hf-llava export takes a projector-family model reading images only; this one is "
+            f"{getattr(model, 'family', type(model).__name__)} reading {getattr(model, 'modalities', '?')}"
+        )
+    connector, enc = model.connectors["image"], model.encoders["image"]
     if not isinstance(connector, MLPProjector) or connector.depth != 2:
         raise ValueError(
             f"hf-llava export needs the mlp2x_gelu connector (Llava's projector is Linear-GELU-Linear); "
-            f"this model has {model_cfg.connector.name}"
+            f"this model has {model_cfg.media['image'].connector.name}"
         )
-    enc = model.encoder
+    if not isinstance(enc, VisionEncoder):
+        raise ValueError(f"hf-llava export needs a single CLIP or SigLIP tower; this model has {type(enc).__name__}")
     llm = _plain_llm(model)
     config = LlavaConfig(
         vision_config=enc.tower.config.to_dict(),
         text_config=llm.config.to_dict(),
-        image_token_index=model.image_token_id,
+        image_token_index=model.media_token_ids["image"],
         vision_feature_layer=enc.feature_layer,
-        vision_feature_select_strategy=_strategy(model),
+        vision_feature_select_strategy=_strategy(enc),
         projector_hidden_act="gelu",
         multimodal_projector_bias=connector.linears[0].bias is not None,
         image_seq_length=enc.num_tokens,
@@ -63,6 +72,8 @@ def export_hf_llava(model: MultimodalLM, tokenizer, model_cfg: ModelConfig, out:
     hf.model.multi_modal_projector.linear_2.load_state_dict(connector.linears[1].state_dict())
     hf.model.language_model.load_state_dict(llm.get_decoder().state_dict())
     hf.lm_head.load_state_dict(llm.get_output_embeddings().state_dict())
+    for key, value in special_token_ids(tokenizer).items():  # so transformers' generate stops where ours does
+        setattr(hf.generation_config, key, value)
     out = Path(out)
     hf.save_pretrained(out)
     size = enc.image_size
@@ -77,8 +88,8 @@ def export_hf_llava(model: MultimodalLM, tokenizer, model_cfg: ModelConfig, out:
         image_processor=image_processor,
         tokenizer=tokenizer,
         patch_size=enc.patch_size,
-        vision_feature_select_strategy=_strategy(model),
-        image_token=model_cfg.image_token,
+        vision_feature_select_strategy=_strategy(enc),
+        image_token=IMAGE_TOKEN,
         num_additional_image_tokens=int(enc.has_cls),
         chat_template=tokenizer.chat_template,
     )
@@ -120,19 +131,26 @@ def import_hf_llava(src: str | Path, out: str | Path) -> Path:
     tokenizer.save_pretrained(llm_dir)
 
     keep_cls = family == "clip" and cfg.vision_feature_select_strategy == "full"
+    if tokenizer.convert_ids_to_tokens(cfg.image_token_id) != IMAGE_TOKEN:
+        raise ValueError(
+            f"Llava's image token id {cfg.image_token_id} is {tokenizer.convert_ids_to_tokens(cfg.image_token_id)!r}"
+            f" in its tokenizer; mmalign's image placeholder is {IMAGE_TOKEN!r}"
+        )
+    encoder = EncoderConfig(name=family, path=str(tower_dir), feature_layer=cfg.vision_feature_layer, keep_cls=keep_cls)
     model_cfg = ModelConfig(
-        encoder=EncoderConfig(
-            name=family, path=str(tower_dir), feature_layer=cfg.vision_feature_layer, keep_cls=keep_cls
-        ),
-        connector=ConnectorConfig(name="mlp2x_gelu", bias=cfg.multimodal_projector_bias),
+        family="projector",
+        media={
+            "image": MediaConfig(
+                encoder=encoder, connector=ConnectorConfig(name="mlp2x_gelu", bias=cfg.multimodal_projector_bias)
+            )
+        },
         llm=LLMConfig(path=str(llm_dir)),
-        image_token=tokenizer.convert_ids_to_tokens(cfg.image_token_id),
     )
     model, tokenizer = build_model(model_cfg)
-    if model.image_token_id != cfg.image_token_id:
-        raise ValueError(f"image token id {model.image_token_id} != Llava's {cfg.image_token_id}")
-    proj = hf.model.multi_modal_projector
-    model.connector.linears[0].load_state_dict(proj.linear_1.state_dict())
-    model.connector.linears[1].load_state_dict(proj.linear_2.state_dict())
+    if model.media_token_ids["image"] != cfg.image_token_id:
+        raise ValueError(f"image token id {model.media_token_ids['image']} != Llava's {cfg.image_token_id}")
+    proj, connector = hf.model.multi_modal_projector, model.connectors["image"]
+    connector.linears[0].load_state_dict(proj.linear_1.state_dict())
+    connector.linears[1].load_state_dict(proj.linear_2.state_dict())
     save_checkpoint(out, model, tokenizer, model_cfg)
     return out

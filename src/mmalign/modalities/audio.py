@@ -1,16 +1,19 @@
-"""The audio modality: load and validate a waveform, turn it into a log-magnitude spectrogram, and synthesise the
-embedded "shapes" sounds (a scene's colour sets the pitch, its shape the waveform, its count the number of beeps,
-its size the loudness)."""
+"""The audio modality: load and validate a waveform, turn it into a log-magnitude spectrogram of a fixed length,
+its default encoder (a small Transformer over spectrogram frames), and the embedded "shapes" sounds (a scene's
+colour sets the pitch, its shape the waveform, its count the number of beeps, its size the loudness)."""
 
 from __future__ import annotations
 
+import json
 import wave
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
-from mmalign.modalities.image import MediaError
+from mmalign.modalities.base import MediaError, Modality, register_modality
+from mmalign.registry import register_encoder
 
 SAMPLE_RATE = 8000
 PITCH = {"red": 330.0, "green": 440.0, "blue": 550.0, "yellow": 660.0, "purple": 770.0, "orange": 880.0}
@@ -22,6 +25,8 @@ def load_audio(source: str | Path | np.ndarray, sample_rate: int = SAMPLE_RATE) 
     if isinstance(source, np.ndarray):
         if source.ndim != 1:
             raise MediaError(f"audio array must be 1-D, got shape {source.shape}")
+        if not np.isfinite(source).all():
+            raise MediaError("audio array holds NaN or infinite values")
         return torch.from_numpy(source.astype(np.float32))
     path = Path(source)
     if not path.is_file():
@@ -61,3 +66,86 @@ def synth_scene_audio(scene: dict, rng: np.random.Generator, seconds: float = 0.
         envelope[on] = 1.0
     noise = rng.normal(0, 0.02, t.shape)
     return (LOUDNESS[scene["size"]] * envelope * carrier + noise).astype(np.float32)
+
+
+class AudioEncoder(nn.Module):
+    """Spectrogram frames -> a small Transformer: (B, frames, bins) -> (B, frames, dim).
+
+    `seconds` fixes the clip length the processor crops or pads to, so every clip gives `num_tokens` frames."""
+
+    def __init__(
+        self,
+        *,
+        n_bins: int = 129,
+        dim: int = 64,
+        depth: int = 2,
+        heads: int = 4,
+        max_frames: int = 64,
+        seconds: float = 0.6,
+        sample_rate: int = SAMPLE_RATE,
+        hop: int = 128,
+    ):
+        super().__init__()
+        self.settings = dict(n_bins=n_bins, dim=dim, depth=depth, heads=heads, max_frames=max_frames,
+                             seconds=seconds, sample_rate=sample_rate, hop=hop)  # fmt: skip
+        self.hidden_size = dim
+        self.sample_rate, self.hop, self.n_fft = sample_rate, hop, 2 * (n_bins - 1)
+        self.num_samples = int(round(seconds * sample_rate))
+        self.num_tokens = 1 + self.num_samples // hop  # torch.stft with center=True
+        if self.num_tokens > max_frames:
+            raise ValueError(f"{seconds} s gives {self.num_tokens} frames, more than max_frames={max_frames}")
+        self.inp = nn.Linear(n_bins, dim)
+        self.pos = nn.Parameter(torch.zeros(max_frames, dim))
+        layer = nn.TransformerEncoderLayer(dim, heads, 2 * dim, dropout=0.0, batch_first=True, norm_first=True)
+        self.blocks = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+
+    def forward(self, spec: torch.Tensor) -> torch.Tensor:
+        x = self.inp(spec) + self.pos[: spec.shape[1]]  # (B, frames, dim)
+        return self.blocks(x)
+
+    def save(self, out: str | Path) -> None:
+        from safetensors.torch import save_file
+
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "audio_encoder.json").write_text(json.dumps(self.settings))
+        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, out / "model.safetensors")
+
+
+PRESETS = {"tiny-audio": dict(dim=64, depth=2, heads=4)}
+
+
+@register_encoder("audio-transformer")
+def audio_encoder(*, path=None, preset=None, config=None, **_) -> AudioEncoder:
+    """From a folder written by `AudioEncoder.save`, or fresh from a preset and config keys."""
+    if path:
+        from safetensors.torch import load_file
+
+        folder = Path(path)
+        if not (folder / "audio_encoder.json").is_file():
+            raise FileNotFoundError(f"{folder} holds no audio_encoder.json (written by AudioEncoder.save)")
+        encoder = AudioEncoder(**json.loads((folder / "audio_encoder.json").read_text()))
+        encoder.load_state_dict(load_file(str(folder / "model.safetensors")))
+        return encoder
+    if preset and preset not in PRESETS:
+        raise KeyError(f"unknown audio encoder preset {preset!r}; known: {sorted(PRESETS)}")
+    return AudioEncoder(**{**PRESETS.get(preset or "", {}), **(config or {})})
+
+
+def preprocess_audio(wave_: torch.Tensor, encoder) -> torch.Tensor:
+    """A waveform cropped or zero-padded to the encoder's clip length, as spectrogram frames: (frames, bins)."""
+    n = encoder.num_samples
+    wave_ = wave_[:n] if wave_.shape[0] >= n else torch.nn.functional.pad(wave_, (0, n - wave_.shape[0]))
+    return spectrogram(wave_, encoder.n_fft, encoder.hop)[0]
+
+
+AUDIO = register_modality(
+    Modality(
+        name="audio",
+        placeholder="<audio>",
+        record_key="audio",
+        default_encoder="audio-transformer",
+        load=load_audio,
+        preprocess=preprocess_audio,
+    )
+)

@@ -1,4 +1,4 @@
-"""The image modality: load and validate a raw input, preprocess it into a normalised tensor."""
+"""The image modality: load and validate a raw input, preprocess it into a normalised tensor for its encoder."""
 
 from __future__ import annotations
 
@@ -9,9 +9,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-
-class MediaError(ValueError):
-    """A media input that cannot be used (missing, unreadable, wrong kind)."""
+from mmalign.modalities.base import MediaError, Modality, register_modality
 
 
 def load_image(source: str | Path | bytes | np.ndarray | Image.Image) -> Image.Image:
@@ -42,3 +40,20 @@ def preprocess_image(img: Image.Image, size: int, mean: tuple[float, ...], std: 
         img = img.resize((size, size), Image.BICUBIC)
     x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)  # (3, H, W)
     return (x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+
+
+def preprocess_for(img: Image.Image, encoder) -> torch.Tensor:
+    """One image as `encoder` (a vision tower with image_size, mean and std) expects it: (3, size, size)."""
+    return preprocess_image(img, encoder.image_size, encoder.mean, encoder.std)
+
+
+IMAGE = register_modality(
+    Modality(
+        name="image",
+        placeholder="<image>",
+        record_key="image",
+        default_encoder="clip",
+        load=load_image,
+        preprocess=preprocess_for,
+    )
+)

@@ -1,19 +1,43 @@
-"""`build_model(config)`: the one place a ModelConfig becomes modules."""
+"""`build_model(config)`: the one place a ModelConfig becomes modules, for any registered alignment family."""
 
 from __future__ import annotations
 
 from torch import nn
 
-from mmalign.config import ModelConfig
+from mmalign.config import ConfigError, LoraConfig, MediaConfig, ModelConfig
+from mmalign.modalities import get_modality
 from mmalign.models import connectors as _connectors  # noqa: F401  (registers connectors)
 from mmalign.models import encoders as _encoders  # noqa: F401  (registers encoders)
+from mmalign.models.encoders import FusedEncoder
 from mmalign.models.llm import load_llm, load_tokenizer
 from mmalign.models.multimodal import MultimodalLM
-from mmalign.registry import CONNECTORS, ENCODERS
+from mmalign.registry import CONNECTORS, ENCODERS, FAMILIES, register_family
 
-DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # Logit transforms some LLMs apply after the LM head; the sparse-loss path calls the head directly.
 UNSUPPORTED_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
+
+def check_model_config(cfg: ModelConfig) -> None:
+    """Every name in the config exists in its registry: checked before anything is built or loaded."""
+    if cfg.family not in FAMILIES:
+        raise ConfigError(f"model.family={cfg.family!r}: registered families are {', '.join(FAMILIES.names())}")
+    for modality, media in cfg.media.items():
+        try:
+            get_modality(modality)
+        except KeyError as err:
+            raise ConfigError(f"model.media.{modality}: {err.args[0]}") from None
+        for i, enc in enumerate([media.encoder, *media.extra_encoders]):
+            if enc.name not in ENCODERS:
+                where = "encoder" if i == 0 else f"extra_encoders.{i - 1}"
+                raise ConfigError(
+                    f"model.media.{modality}.{where}.name={enc.name!r}: registered encoders are "
+                    f"{', '.join(ENCODERS.names())}"
+                )
+        if media.connector.name not in CONNECTORS:
+            raise ConfigError(
+                f"model.media.{modality}.connector.name={media.connector.name!r}: registered connectors are "
+                f"{', '.join(CONNECTORS.names())}"
+            )
 
 
 def check_llm(llm: nn.Module) -> None:
@@ -23,40 +47,59 @@ def check_llm(llm: nn.Module) -> None:
             raise NotImplementedError(f"LLM config sets {name}={value}; mmalign does not apply it yet")
 
 
-def apply_lora(llm: nn.Module, lora: dict) -> nn.Module:
-    """Wrap the LLM (only the LLM: the encoder never gets adapters) with PEFT LoRA."""
-    from peft import LoraConfig, get_peft_model
+def apply_lora(llm: nn.Module, lora: LoraConfig) -> nn.Module:
+    """Wrap the LLM (only the LLM: encoders never get adapters) with PEFT LoRA."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
 
-    config = LoraConfig(
-        r=lora.get("r", 16),
-        lora_alpha=lora.get("alpha", 32),
-        lora_dropout=lora.get("dropout", 0.05),
-        target_modules=list(lora.get("targets", DEFAULT_LORA_TARGETS)),
-        bias="none",
+    config = PeftLoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.targets), bias="none"
     )
     return get_peft_model(llm, config)
 
 
-def build_model(cfg: ModelConfig, tokenizer=None) -> tuple[MultimodalLM, object]:
-    """Returns (model, tokenizer). Weights come from the configured paths or fresh initialisation."""
-    tokenizer = tokenizer or load_tokenizer(cfg.llm, cfg.image_token)
-    enc = cfg.encoder
-    encoder = ENCODERS.build(
-        enc.name,
-        path=enc.path,
-        preset=enc.preset,
-        config=enc.config,
-        feature_layer=enc.feature_layer,
-        keep_cls=enc.keep_cls,
-    )
-    llm = load_llm(cfg.llm, vocab_size=len(tokenizer))
+def build_encoder(media: MediaConfig) -> nn.Module:
+    """A modality's encoder; with extra encoders, all of them fused per token."""
+    encoders = [
+        ENCODERS.build(
+            enc.name,
+            path=enc.path,
+            preset=enc.preset,
+            config=enc.config,
+            feature_layer=enc.feature_layer,
+            keep_cls=enc.keep_cls,
+        )
+        for enc in [media.encoder, *media.extra_encoders]
+    ]
+    return encoders[0] if len(encoders) == 1 else FusedEncoder(encoders)
+
+
+def placeholders(cfg: ModelConfig) -> dict[str, str]:
+    """{modality: its placeholder text} for the modalities this model reads."""
+    return {m: get_modality(m).placeholder for m in cfg.media}
+
+
+@register_family("projector")
+def build_projector(cfg: ModelConfig, tokenizer) -> MultimodalLM:
+    """LLaVA-style early fusion: per modality an encoder and a projector into the LLM's embedding space."""
+    llm = load_llm(cfg.llm, tokenizer)
     check_llm(llm)
     hidden = llm.get_input_embeddings().embedding_dim
-    connector = CONNECTORS.build(
-        cfg.connector.name, in_dim=encoder.hidden_size, out_dim=hidden, bias=cfg.connector.bias
-    )
-    if cfg.lora:
+    encoders = {m: build_encoder(media) for m, media in cfg.media.items()}
+    connectors = {
+        m: CONNECTORS.build(
+            media.connector.name, in_dim=encoders[m].hidden_size, out_dim=hidden, bias=media.connector.bias
+        )
+        for m, media in cfg.media.items()
+    }
+    if cfg.lora is not None:
         llm = apply_lora(llm, cfg.lora)
-    image_token_id = tokenizer.convert_tokens_to_ids(cfg.image_token)
-    model = MultimodalLM(encoder=encoder, connector=connector, llm=llm, image_token_id=image_token_id)
-    return model, tokenizer
+    ids = {m: tokenizer.convert_tokens_to_ids(text) for m, text in placeholders(cfg).items()}
+    return MultimodalLM(encoders=encoders, connectors=connectors, llm=llm, media_token_ids=ids)
+
+
+def build_model(cfg: ModelConfig, tokenizer=None) -> tuple[nn.Module, object]:
+    """Returns (model, tokenizer). Weights come from the configured paths or fresh initialisation."""
+    check_model_config(cfg)
+    tokenizer = tokenizer or load_tokenizer(cfg.llm, list(placeholders(cfg).values()))
+    return FAMILIES.build(cfg.family, cfg=cfg, tokenizer=tokenizer), tokenizer

@@ -125,6 +125,43 @@ def siglip_encoder(*, path=None, preset=None, config=None, feature_layer=-2, kee
     return _build("siglip", path, preset, config or {}, feature_layer, keep_cls)
 
 
+class FusedEncoder(nn.Module):
+    """Several encoders over the same input, features concatenated per token (Prismatic VLMs' DINOv2 + SigLIP,
+    Karamcheti et al. 2024 §4.2). The input is preprocessed for the first encoder; one that normalises its input
+    differently gets it re-normalised, and one of another size gets it resized."""
+
+    def __init__(self, encoders: list[nn.Module]):
+        super().__init__()
+        first = encoders[0]
+        for e in encoders[1:]:
+            if e.num_tokens != first.num_tokens:
+                raise ValueError(
+                    f"fused encoders must give the same number of tokens per item: {first.num_tokens} vs {e.num_tokens}"
+                )
+        self.encoders = nn.ModuleList(encoders)
+        self.hidden_size = sum(e.hidden_size for e in encoders)
+        self.num_tokens = first.num_tokens
+        # Preprocessing follows the first encoder (the processor reads these).
+        for attr in ("image_size", "patch_size", "mean", "std", "num_samples", "n_fft", "hop"):
+            if hasattr(first, attr):
+                setattr(self, attr, getattr(first, attr))
+
+    def _adapt(self, x: torch.Tensor, encoder: nn.Module) -> torch.Tensor:
+        first = self.encoders[0]
+        if not hasattr(first, "mean"):
+            return x
+        if (encoder.mean, encoder.std) != (first.mean, first.std):
+            raw = x * torch.tensor(first.std).view(1, 3, 1, 1) + torch.tensor(first.mean).view(1, 3, 1, 1)
+            x = (raw - torch.tensor(encoder.mean).view(1, 3, 1, 1)) / torch.tensor(encoder.std).view(1, 3, 1, 1)
+        if encoder.image_size != first.image_size:
+            x = nn.functional.interpolate(x, size=encoder.image_size, mode="bicubic", align_corners=False)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(items, ...) -> (items, num_tokens, sum of the encoders' hidden sizes)."""
+        return torch.cat([e(self._adapt(x, e).to(x.dtype)) for e in self.encoders], dim=-1)
+
+
 def save_encoder(encoder: VisionEncoder, out: str | Path) -> None:
     """Write the tower as a HF folder plus its normalisation, so `encoder.path` can load it."""
     out = Path(out)

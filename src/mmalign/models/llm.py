@@ -12,8 +12,8 @@ from mmalign.config import LLMConfig
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def load_tokenizer(cfg: LLMConfig, image_token: str):
-    """The LLM's tokenizer, with the image placeholder and a pad token guaranteed to exist."""
+def load_tokenizer(cfg: LLMConfig, placeholders: list[str]):
+    """The LLM's tokenizer, with the media placeholders (`<image>`, ...) and a pad token guaranteed to exist."""
     from transformers import AutoTokenizer
 
     source = cfg.tokenizer or cfg.path
@@ -22,8 +22,9 @@ def load_tokenizer(cfg: LLMConfig, image_token: str):
     if not Path(source).exists():
         raise FileNotFoundError(f"tokenizer folder {source} does not exist")
     tok = AutoTokenizer.from_pretrained(source)
-    if image_token not in tok.get_vocab():
-        tok.add_special_tokens({"additional_special_tokens": [image_token]})
+    missing = [p for p in placeholders if p not in tok.get_vocab()]
+    if missing:
+        tok.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
     if tok.pad_token is None:
         # Padding is always masked (attention and labels), so eos can serve without growing the vocabulary.
         if tok.eos_token is not None:
@@ -33,8 +34,19 @@ def load_tokenizer(cfg: LLMConfig, image_token: str):
     return tok
 
 
-def load_llm(cfg: LLMConfig, vocab_size: int) -> nn.Module:
-    """AutoModelForCausalLM from `cfg.path`, or fresh from `cfg.config`; embeddings grown to fit the tokenizer."""
+def special_token_ids(tokenizer) -> dict[str, int | None]:
+    return {
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+
+
+def load_llm(cfg: LLMConfig, tokenizer) -> nn.Module:
+    """AutoModelForCausalLM from `cfg.path`, or fresh from `cfg.config`; embeddings grown to fit the tokenizer.
+
+    The model's config and generation config carry the tokenizer's bos/eos/pad ids, so every saved or exported
+    copy stops where mmalign's own generation stops (a fresh config would otherwise keep its family's defaults)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     dtype = DTYPES[cfg.dtype]
@@ -46,9 +58,13 @@ def load_llm(cfg: LLMConfig, vocab_size: int) -> nn.Module:
         options = dict(cfg.config)
         if "model_type" not in options:
             raise ValueError("llm.config needs a model_type (e.g. llama) when llm.path is not set")
-        options.setdefault("vocab_size", vocab_size)
+        options.setdefault("vocab_size", len(tokenizer))
         hf_config = AutoConfig.for_model(options.pop("model_type"), **options)
         model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
-    if model.get_input_embeddings().num_embeddings < vocab_size:
-        model.resize_token_embeddings(vocab_size)
+    if model.get_input_embeddings().num_embeddings < len(tokenizer):
+        model.resize_token_embeddings(len(tokenizer))
+    for key, value in special_token_ids(tokenizer).items():
+        setattr(model.config, key, value)
+        if model.generation_config is not None:
+            setattr(model.generation_config, key, value)
     return model

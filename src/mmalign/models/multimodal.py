@@ -1,93 +1,142 @@
-"""The multimodal model: encoder -> connector -> LLM, with media entering by early fusion (token splicing).
+"""The projector family: encoder(s) -> connector -> LLM, media entering by early fusion (token splicing).
 
-Input ids already carry one image-token id per image feature (the processor expands `<image>`), so the model only
-checks the count and scatters projected features into those positions, as transformers' Llava does.
+Input ids already carry one placeholder id per media feature (the processor expands `<image>`, `<audio>`, ...),
+so the model checks the count per modality and scatters projected features into those positions, as
+transformers' Llava does for images.
+
+Every family offers the same surface to the rest of mmalign: `param_groups()` (what freezing, learning-rate
+groups, the trainable table and checkpoints read), `forward(...)` for training, and `prefill` / `step` for
+generation, so no caller reaches into the decoder itself.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-IGNORE_INDEX = -100
+from mmalign.constants import IGNORE_INDEX
 
 
 class MediaCountError(ValueError):
-    """Image-token positions and image features disagree; the message names the samples."""
+    """Placeholder positions and media features disagree; the message names the samples."""
+
+
+@dataclass
+class DecodeState:
+    """What generation carries between steps: the KV cache, the attention mask so far and each row's position."""
+
+    cache: object
+    mask: torch.Tensor  # (B, T) 1 for real tokens, 0 for left padding
+    position: torch.Tensor  # (B,) position id of each row's last token
 
 
 class MultimodalLM(nn.Module):
-    def __init__(self, *, encoder: nn.Module, connector: nn.Module, llm: nn.Module, image_token_id: int):
-        super().__init__()
-        self.encoder = encoder
-        self.connector = connector
-        self.llm = llm
-        self.image_token_id = image_token_id
-        if getattr(connector, "fusion", "early") != "early":
-            raise NotImplementedError("deep-fusion connectors wrap decoder layers; use their own builder")
+    family = "projector"
 
-    # ---------------------------------------------------------------- parts of the LLM (also through PEFT)
+    def __init__(
+        self,
+        *,
+        encoders: dict[str, nn.Module],
+        connectors: dict[str, nn.Module],
+        llm: nn.Module,
+        media_token_ids: dict[str, int],
+    ):
+        super().__init__()
+        if set(encoders) != set(connectors) or set(encoders) != set(media_token_ids):
+            raise ValueError(
+                f"encoders {sorted(encoders)}, connectors {sorted(connectors)} and placeholder ids "
+                f"{sorted(media_token_ids)} must name the same modalities"
+            )
+        self.encoders = nn.ModuleDict(encoders)
+        self.connectors = nn.ModuleDict(connectors)
+        self.llm = llm
+        self.media_token_ids = dict(media_token_ids)
+
+    # ---------------------------------------------------------------- declared structure
+    @property
+    def modalities(self) -> list[str]:
+        return list(self.encoders)
+
+    def param_groups(self) -> dict[str, nn.Module]:
+        """Named parameter groups, the one declaration that freezing, optimizer groups, the trainable table and
+        checkpoint saving read. A group name selects every group it is a dotted prefix of (`encoder` selects
+        `encoder.image` and `encoder.audio`)."""
+        groups: dict[str, nn.Module] = {f"encoder.{m}": e for m, e in self.encoders.items()}
+        groups |= {f"connector.{m}": c for m, c in self.connectors.items()}
+        groups["llm"] = self.llm
+        return groups
+
+    def tokens_per_item(self, modality: str) -> int:
+        """Placeholder ids one media item expands to: the single number both the processor and the model use."""
+        return self.encoders[modality].num_tokens
+
     @property
     def decoder(self) -> nn.Module:
-        """The LLM without its head: takes inputs_embeds, returns hidden states."""
+        """The LLM without its head (also through PEFT): takes inputs_embeds, returns hidden states."""
         return self.llm.get_decoder()
 
     @property
     def lm_head(self) -> nn.Module:
         return self.llm.get_output_embeddings()
 
-    def encoder_is_frozen(self) -> bool:
-        return not any(p.requires_grad for p in self.encoder.parameters())
-
     # ---------------------------------------------------------------- media
-    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(images, 3, H, W) -> (images, tokens, llm_dim)."""
-        dtype = next(self.connector.parameters()).dtype
-        if self.encoder_is_frozen():
-            with torch.no_grad():
-                feats = self.encoder(pixel_values.to(dtype))
+    def encode(self, modality: str, x: torch.Tensor) -> torch.Tensor:
+        """(items, ...) -> (items, tokens, llm_dim). A frozen encoder runs without autograd."""
+        encoder, connector = self.encoders[modality], self.connectors[modality]
+        x = x.to(next(connector.parameters()).dtype)
+        if any(p.requires_grad for p in encoder.parameters()):
+            feats = encoder(x)
         else:
-            feats = self.encoder(pixel_values.to(dtype))
-        return self.connector(feats)
+            with torch.no_grad():
+                feats = encoder(x)
+        return connector(feats)
 
     def embed(
-        self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None, sample_ids: list | None = None
+        self, input_ids: torch.Tensor, media: dict[str, torch.Tensor] | None = None, sample_ids: list | None = None
     ) -> torch.Tensor:
-        """Token embeddings with image features scattered into the image-token positions: (B, T, D)."""
+        """Token embeddings with each modality's features scattered into its placeholder positions: (B, T, D)."""
         embeds = self.llm.get_input_embeddings()(input_ids)  # (B, T, D)
-        is_image = input_ids == self.image_token_id  # (B, T)
-        n_positions = int(is_image.sum())
-        n_images = 0 if pixel_values is None else pixel_values.shape[0]
-        per_image = self.encoder.num_tokens
-        if n_positions != n_images * per_image:
-            per_sample = is_image.sum(1).tolist()
-            names = sample_ids or list(range(len(per_sample)))
-            detail = ", ".join(f"{n}: {c} image tokens" for n, c in zip(names, per_sample, strict=True))
-            raise MediaCountError(
-                f"{n_positions} image-token positions but {n_images} images x {per_image} tokens = "
-                f"{n_images * per_image} features ({detail})"
-            )
-        if n_images == 0:
-            return embeds
-        feats = self.encode_images(pixel_values).to(embeds.dtype)  # (images, tokens, D)
-        return embeds.masked_scatter(is_image.unsqueeze(-1), feats.reshape(-1, feats.shape[-1]))
+        media = media or {}
+        unknown = set(media) - set(self.encoders)
+        if unknown:
+            raise MediaCountError(f"this model has no encoder for {sorted(unknown)}; it reads {self.modalities}")
+        for modality, token_id in self.media_token_ids.items():
+            is_media = input_ids == token_id  # (B, T)
+            items = media.get(modality)
+            n_items = 0 if items is None else items.shape[0]
+            per_item = self.tokens_per_item(modality)
+            n_positions = int(is_media.sum())
+            if n_positions != n_items * per_item:
+                per_sample = is_media.sum(1).tolist()
+                names = sample_ids or list(range(len(per_sample)))
+                detail = ", ".join(f"{n}: {c} {modality} tokens" for n, c in zip(names, per_sample, strict=True))
+                raise MediaCountError(
+                    f"{n_positions} {modality}-token positions but {n_items} {modality} items x {per_item} tokens = "
+                    f"{n_items * per_item} features ({detail})"
+                )
+            if n_items:
+                feats = self.encode(modality, items).to(embeds.dtype)  # (items, tokens, D)
+                embeds = embeds.masked_scatter(is_media.unsqueeze(-1), feats.reshape(-1, feats.shape[-1]))
+        return embeds
 
-    # ---------------------------------------------------------------- forward
+    # ---------------------------------------------------------------- training
     def forward(
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
-        pixel_values: torch.Tensor | None = None,
+        media: dict[str, torch.Tensor] | None = None,
         labels: torch.Tensor | None = None,
         sample_ids: list | None = None,
     ) -> dict:
         """Without labels: {"logits": (B, T, V)}. With labels: {"loss_sum", "n_tokens"}.
 
         In training the LM head runs only at positions whose next token is supervised, so the (B, T, V) logits of
-        image and prompt positions are never built.
+        media and prompt positions are never built.
         """
-        embeds = self.embed(input_ids, pixel_values, sample_ids)
+        embeds = self.embed(input_ids, media, sample_ids)
         hidden = self.decoder(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False).last_hidden_state
         if labels is None:
             return {"logits": self.lm_head(hidden)}
@@ -97,3 +146,33 @@ class MultimodalLM(nn.Module):
         logits = self.lm_head(picked).float()  # (n_tokens, V)
         loss_sum = F.cross_entropy(logits, targets[keep], reduction="sum")
         return {"loss_sum": loss_sum, "n_tokens": int(keep.sum())}
+
+    # ---------------------------------------------------------------- generation
+    def prefill(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, media: dict[str, torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, DecodeState]:
+        """Run left-padded prompts (B, T) once: the next-token logits (B, V) and the state to continue from."""
+        from transformers import DynamicCache
+
+        embeds = self.embed(input_ids, media)  # (B, T, D)
+        positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # left padding: real tokens start at position 0
+        cache = DynamicCache(config=self.llm.config)
+        out = self.decoder(
+            inputs_embeds=embeds, attention_mask=attention_mask, position_ids=positions, cache=cache,
+            use_cache=True,
+        )  # fmt: skip
+        logits = self.lm_head(out.last_hidden_state[:, -1])  # only the last position is needed
+        return logits, DecodeState(cache=cache, mask=attention_mask, position=positions[:, -1])
+
+    def step(self, state: DecodeState, tokens: torch.Tensor) -> torch.Tensor:
+        """Append one token per row (B,) to the state in place; returns the next-token logits (B, V)."""
+        state.mask = torch.cat([state.mask, torch.ones_like(state.mask[:, :1])], dim=1)
+        state.position = state.position + 1
+        out = self.decoder(
+            inputs_embeds=self.llm.get_input_embeddings()(tokens[:, None]),
+            attention_mask=state.mask,
+            position_ids=state.position[:, None],
+            cache=state.cache,
+            use_cache=True,
+        )
+        return self.lm_head(out.last_hidden_state[:, -1])

@@ -11,10 +11,11 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from mmalign.config import ModelConfig, RecipeConfig, load_yaml, save_yaml
 from mmalign.models.builder import build_model
-from mmalign.models.multimodal import MultimodalLM
+from mmalign.train.freeze import group_of
 
 WEIGHTS = "model.safetensors"
 MODEL_CONFIG = "model_config.yaml"
@@ -31,20 +32,32 @@ def resolved_model_config(cfg: ModelConfig) -> ModelConfig:
     from copy import deepcopy
 
     out = deepcopy(cfg)
-    out.encoder.path = _absolute(out.encoder.path)
+    for media in out.media.values():
+        for enc in [media.encoder, *media.extra_encoders]:
+            enc.path = _absolute(enc.path)
     out.llm.path = _absolute(out.llm.path)
     out.llm.tokenizer = None  # the checkpoint carries its own tokenizer/
     return out
 
 
-def weights_to_save(model: MultimodalLM, cfg: ModelConfig, extra_groups=()) -> dict[str, torch.Tensor]:
+def reloadable_groups(cfg: ModelConfig) -> set[str]:
+    """Groups whose weights load from a `path` of their own, so a checkpoint need not repeat them."""
+    groups = {
+        f"encoder.{m}"
+        for m, media in cfg.media.items()
+        if all(enc.path for enc in [media.encoder, *media.extra_encoders])
+    }
+    return groups | ({"llm"} if cfg.llm.path else set())
+
+
+def weights_to_save(model: nn.Module, cfg: ModelConfig, extra_groups=()) -> dict[str, torch.Tensor]:
     """Trainable parameters, plus whole groups with nothing to reload from (no path, or given in extra_groups)."""
-    fresh = {"encoder": cfg.encoder.path is None, "llm": cfg.llm.path is None, "connector": True}
-    fresh.update({g: True for g in extra_groups})
+    reload = reloadable_groups(cfg) - set(extra_groups)
+    groups = group_of(model)
     out, seen = {}, set()
     for name, p in model.named_parameters():
-        group = name.split(".", 1)[0]
-        if (p.requires_grad or fresh[group]) and p.data_ptr() not in seen:  # tied weights are stored once
+        keep = p.requires_grad or groups.get(name) not in reload
+        if keep and p.data_ptr() not in seen:  # tied weights are stored once
             seen.add(p.data_ptr())
             out[name] = p.detach().cpu().contiguous()
     return out
@@ -52,7 +65,7 @@ def weights_to_save(model: MultimodalLM, cfg: ModelConfig, extra_groups=()) -> d
 
 def save_checkpoint(
     out_dir: str | Path,
-    model: MultimodalLM,
+    model: nn.Module,
     tokenizer,
     model_cfg: ModelConfig,
     recipe: RecipeConfig | None = None,
@@ -87,16 +100,23 @@ def weights_step(path: str | Path) -> int | None:
     return None if step is None else int(step)
 
 
-def load_weights(model: MultimodalLM, path: str | Path, strict_keys: bool = True) -> list[str]:
-    """Load a checkpoint's weights into `model`; unexpected names are an error (a wrong checkpoint)."""
+def load_weights(model: nn.Module, path: str | Path, required: set[str] = frozenset()) -> list[str]:
+    """Load a checkpoint's weights into `model`. Names the model lacks are an error (a wrong checkpoint), and so
+    is a missing weight of a `required` group (one that nothing else would load)."""
     state = load_file(str(Path(path) / WEIGHTS if Path(path).is_dir() else path))
     missing, unexpected = model.load_state_dict(state, strict=False)
-    if strict_keys and unexpected:
+    if unexpected:
         raise KeyError(f"{path}: {len(unexpected)} weights do not fit this model, e.g. {unexpected[:3]}")
+    groups = group_of(model)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    loaded = {id(params[n]) for n in state if n in params}  # a tied weight is saved under one of its names
+    lacking = [n for n in missing if groups.get(n) in required and id(params.get(n)) not in loaded]
+    if lacking:
+        raise KeyError(f"{path}: {len(lacking)} required weights are missing, e.g. {lacking[:3]}")
     return list(state)
 
 
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[MultimodalLM, object, ModelConfig]:
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, object, ModelConfig]:
     """(model, tokenizer, model config) from a checkpoint folder written by `save_checkpoint`."""
     path = Path(path)
     if not (path / MODEL_CONFIG).is_file():
@@ -104,9 +124,9 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     cfg = load_yaml(path / MODEL_CONFIG, ModelConfig)
     cfg.llm.tokenizer = str(path / "tokenizer")
     model, tokenizer = build_model(cfg)
-    load_weights(model, path)
+    load_weights(model, path, required=set(model.param_groups()) - reloadable_groups(cfg))
     return model.to(device).eval(), tokenizer, cfg
 
 
-def load_recipe(path: str | Path) -> RecipeConfig:
+def load_train_config(path: str | Path) -> RecipeConfig:
     return load_yaml(Path(path) / TRAIN_CONFIG, RecipeConfig)

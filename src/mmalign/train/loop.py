@@ -13,15 +13,16 @@ from pathlib import Path
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from torch import nn
 from torch.utils.data import DataLoader
 
-from mmalign.config import RecipeConfig
+from mmalign.config import RecipeConfig, check_recipe
+from mmalign.constants import IGNORE_INDEX
 from mmalign.data.dataset import Collator, ConversationDataset, epoch_order
-from mmalign.data.processor import Processor, SampleError
-from mmalign.models.builder import build_model
-from mmalign.models.multimodal import MultimodalLM
+from mmalign.data.processor import SampleError, processor_for
+from mmalign.models.builder import build_model, check_model_config
 from mmalign.train.checkpoint import TRAINER_STATE, load_weights, save_checkpoint, weights_step
-from mmalign.train.freeze import count_parameters, set_trainable
+from mmalign.train.freeze import count_parameters, group_of, select_groups, set_trainable
 from mmalign.train.optim import build_optimizer, warmup_cosine
 
 
@@ -43,33 +44,22 @@ def autocast_for(precision: str, device: torch.device):
     return contextlib.nullcontext()  # auto on hardware without fast bf16
 
 
-def make_processor(tokenizer, model: MultimodalLM, cfg: RecipeConfig) -> Processor:
-    if cfg.data.chat_template:
-        tokenizer.chat_template = cfg.data.chat_template
-    enc = model.encoder
-    return Processor(
-        tokenizer,
-        image_token=cfg.model.image_token,
-        tokens_per_image=enc.num_tokens,
-        image_size=enc.image_size,
-        mean=enc.mean,
-        std=enc.std,
-        template=cfg.data.template,
-        max_length=cfg.data.max_length,
-    )
-
-
 def to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    def move(v):
+        if torch.is_tensor(v):
+            return v.to(device, non_blocking=True)
+        return {k: move(x) for k, x in v.items()} if isinstance(v, dict) else v
+
+    return {k: move(v) for k, v in batch.items()}
 
 
 def model_inputs(batch: dict) -> dict:
-    keys = ("input_ids", "attention_mask", "pixel_values", "labels")
+    keys = ("input_ids", "attention_mask", "media", "labels")
     return {k: batch[k] for k in keys} | {"sample_ids": batch["ids"]}
 
 
 @torch.no_grad()
-def evaluate_loss(model: MultimodalLM, loader: DataLoader, device: torch.device, precision: str) -> float:
+def evaluate_loss(model: nn.Module, loader: DataLoader, device: torch.device, precision: str) -> float:
     model.eval()
     total, count = 0.0, 0
     for batch in loader:
@@ -91,26 +81,25 @@ class Trainer:
         self.out = Path(cfg.train.out_dir)
         self.resume = resume
         t = cfg.train
+        check_recipe(cfg)
+        check_model_config(cfg.model)
         torch.manual_seed(t.seed)
         self.device = pick_device(t.device)
         self.model_cfg = deepcopy(cfg.model)
-        if t.finetune == "lora" and "llm" in t.trainable:
-            self.model_cfg.lora = {
-                "r": t.lora_r,
-                "alpha": t.lora_alpha,
-                "dropout": t.lora_dropout,
-                "targets": t.lora_targets,
-            }
+        if t.finetune == "lora":
+            self.model_cfg.lora = deepcopy(t.lora)  # the checkpoint records the adapters it carries
         self.model, self.tokenizer = build_model(self.model_cfg)
+        select_groups(self.model, t.trainable)  # names that select nothing fail before any data is read
         if t.init_from:
             loaded = load_weights(self.model, t.init_from)
             # Parts that came from init_from (e.g. an LLM tuned earlier) cannot be reloaded from their `path`.
-            self.saved_groups = sorted({name.split(".", 1)[0] for name in loaded})
+            groups = group_of(self.model)
+            self.saved_groups = sorted({groups[name] for name in loaded if name in groups})
         else:
             self.saved_groups = []
         set_trainable(self.model, t.trainable, t.finetune)
         self.model.to(self.device).train()
-        processor = make_processor(self.tokenizer, self.model, cfg)
+        processor = processor_for(self.model, self.tokenizer, cfg.data)
         self.collate = Collator(self.tokenizer.pad_token_id)
         self.train_ds = ConversationDataset(cfg.data.train, cfg.data.image_folder, processor)
         self.val_loader = None
@@ -133,7 +122,7 @@ class Trainer:
         path = self.out / TRAINER_STATE
         if not path.is_file():
             raise FileNotFoundError(f"--resume: no {TRAINER_STATE} in {self.out}; nothing to resume")
-        saved = torch.load(path, weights_only=False)
+        saved = torch.load(path, weights_only=True)  # tensors and plain data only: nothing in it can run code
         stamped = weights_step(self.out)
         if stamped is not None and stamped != saved["state"]["step"]:
             raise RuntimeError(
@@ -232,10 +221,10 @@ class Trainer:
                         if batch["ids"]:
                             micro.append(batch)
                     # Normalise by the label tokens of the whole accumulation window, so accumulation is exact.
-                    n_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
+                    n_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
                     loss_total = 0.0
                     for i, batch in enumerate(micro):
-                        self._blank_images(batch, i)
+                        self._blank_media(batch, i)
                         batch = to_device(batch, self.device)
                         with autocast_for(t.precision, self.device):
                             out = self.model(**model_inputs(batch))
@@ -284,14 +273,17 @@ class Trainer:
         (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
         return summary
 
-    def _blank_images(self, batch: dict, micro_index: int) -> None:
-        """Zero a random subset of images; seeded by (seed, step, micro-batch), so a resumed run replays it."""
-        p, pixels = self.cfg.data.blank_image_prob, batch.get("pixel_values")
-        if p <= 0 or pixels is None:
+    def _blank_media(self, batch: dict, micro_index: int) -> None:
+        """Zero a random subset of media items of every modality; seeded by (seed, step, micro-batch), so a resumed
+        run replays it."""
+        p = self.cfg.data.blank_media_prob
+        if p <= 0:
             return
         seed = (self.cfg.train.seed * 1_000_003 + self.state["step"]) * 64 + micro_index
-        drop = torch.rand(pixels.shape[0], generator=torch.Generator().manual_seed(seed)) < p
-        pixels[drop] = 0.0
+        generator = torch.Generator().manual_seed(seed)
+        for _, items in sorted(batch["media"].items()):
+            drop = torch.rand(items.shape[0], generator=generator) < p
+            items[drop] = 0.0
 
     def _log(self, row: dict) -> None:
         with open(self.out / "metrics.jsonl", "a") as fh:

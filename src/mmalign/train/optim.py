@@ -5,19 +5,22 @@ from __future__ import annotations
 import math
 
 import torch
+from torch import nn
 
 from mmalign.config import TrainConfig
-from mmalign.models.multimodal import MultimodalLM
+from mmalign.train.freeze import group_of
 
 
-def build_optimizer(model: MultimodalLM, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """Weight decay only on >= 2-D weights (never biases, norms, gates or temperatures); the connector may have its
-    own learning rate (LLaVA's mm_projector_lr)."""
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """Weight decay only on >= 2-D weights (never biases, norms, gates or temperatures); the connector groups may
+    have their own learning rate (LLaVA's mm_projector_lr)."""
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not trainable:
         raise ValueError(f"no trainable parameters (train.trainable={cfg.trainable})")
-    connector = [p for n, p in trainable if n.startswith("connector.")]
-    rest = [p for n, p in trainable if not n.startswith("connector.")]
+    groups = group_of(model)
+    is_connector = [groups.get(n, "").split(".")[0] == "connector" for n, _ in trainable]
+    connector = [p for (_, p), c in zip(trainable, is_connector, strict=True) if c]
+    rest = [p for (_, p), c in zip(trainable, is_connector, strict=True) if not c]
     param_groups = []
     for params, lr in ((connector, cfg.connector_lr or cfg.lr), (rest, cfg.lr)):
         param_groups += [g | {"lr": lr} for g in decay_groups(params, cfg.weight_decay) if g["params"]]

@@ -17,6 +17,7 @@ from rich.progress import Progress
 from torch import nn
 
 from mmalign.config import LLMConfig
+from mmalign.constants import IGNORE_INDEX
 from mmalign.data.processor import parse_record, read_records
 from mmalign.data.shapes import ATTRIBUTES, load_split
 from mmalign.models.encoders import VisionEncoder, clip_encoder, save_encoder
@@ -127,20 +128,20 @@ def pretrain_lm(
     """Train a tiny Llama on the data's text with the chat template; save model + tokenizer as a HF folder."""
     console = console or Console()
     torch.manual_seed(seed)
-    tokenizer = load_tokenizer(LLMConfig(tokenizer=str(tokenizer_dir)), "<image>")
-    model = load_llm(LLMConfig(config=dict(llm_config or TINY_LLAMA)), vocab_size=len(tokenizer))
+    tokenizer = load_tokenizer(LLMConfig(tokenizer=str(tokenizer_dir)), ["<image>"])
+    model = load_llm(LLMConfig(config=dict(llm_config or TINY_LLAMA)), tokenizer)
     convs = lm_corpus(texts_from)
     rows = [tokenizer.apply_chat_template(c, tokenize=True, return_dict=True)["input_ids"] for c in convs]
     length = max(len(r) for r in rows)
     ids = torch.full((len(rows), length), tokenizer.pad_token_id)
     for i, r in enumerate(rows):
         ids[i, : len(r)] = torch.tensor(r)
-    labels = ids.masked_fill(ids == tokenizer.pad_token_id, -100)
+    labels = ids.masked_fill(ids == tokenizer.pad_token_id, IGNORE_INDEX)
     gen = torch.Generator().manual_seed(seed)
 
     def loss_fn(step: int) -> torch.Tensor:
         idx = torch.randint(len(rows), (batch_size,), generator=gen)
-        return model(input_ids=ids[idx], attention_mask=(labels[idx] != -100).long(), labels=labels[idx]).loss
+        return model(input_ids=ids[idx], attention_mask=(labels[idx] != IGNORE_INDEX).long(), labels=labels[idx]).loss
 
     losses = _loop(list(model.parameters()), steps, lr, loss_fn, "stage 0 LM", console, progress)
     model.save_pretrained(out_dir)
