@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -59,6 +60,12 @@ def test_train_eval_generate_export_import(tmp_path, shapes, tiny_hf_llava):
     result = json.loads((tmp_path / "e.json").read_text())
     assert result["n"] == 20 and set(result["by_type"]) == {"color", "shape", "size", "count", "position"}
     assert "position" in out
+    untyped = [
+        {k: v for k, v in r.items() if k != "question_type"} for r in json.loads(Path(shapes["test"]).read_text())
+    ]
+    (tmp_path / "untyped.json").write_text(json.dumps(untyped))
+    out = invoke("eval", run, "--data", tmp_path / "untyped.json", "--image-folder", shapes["images"])
+    assert [line.split()[1] for line in out.splitlines() if line.startswith("│")] == ["all"]  # one row, not two
     image = f"{shapes['images']}/test_00000.png"
     out = invoke("generate", run, "--image", image, "--prompt", "what color is the shape ?", "--max-new-tokens", 3)
     expected = _library_answer(run, image, "<image>\nwhat color is the shape ?")
@@ -86,3 +93,12 @@ def test_unknown_override_fails_with_the_key(tmp_path):
     result = runner.invoke(app, ["train", "shapes_stage1", "train.lrr=1"])
     assert result.exit_code != 0
     assert "train.lrr" in str(result.exception)
+
+
+def test_data_writes_either_embedded_dataset(tmp_path):
+    out = invoke("data", "--dataset", "glyphs", "--out", tmp_path / "g", "--n-train", 4, "--n-val", 1, "--n-test", 1)
+    records = json.loads((tmp_path / "g" / "qa_test.json").read_text())
+    assert '"scenes"' in out and len(records) == 6  # one question per type for the one test image
+    assert not (tmp_path / "g" / "tokenizer").exists()
+    result = runner.invoke(app, ["data", "--dataset", "faces", "--out", str(tmp_path / "f")])
+    assert result.exit_code != 0 and "unknown dataset 'faces'" in result.output

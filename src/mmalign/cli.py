@@ -67,11 +67,20 @@ def data_cmd(
     n_test: int = typer.Option(200, help="Test images (one question per type each)."),
     image_size: int = typer.Option(64, help="Image side in pixels."),
     seed: int = typer.Option(0, help="Seed; splits use disjoint streams, so test images never appear in training."),
+    dataset: str = typer.Option(
+        "shapes",
+        help="shapes (coloured shapes, with a word-level tokenizer) or glyphs (two drawn digits on textures, six "
+        "question types of 2 to 10 answers; no tokenizer: it stands in for a user's own data).",
+    ),
 ) -> None:
-    """Write the embedded shapes dataset to disk in LLaVA format, with a word-level tokenizer."""
-    from mmalign.data.shapes import write_shapes_dataset
-
-    paths = write_shapes_dataset(out, n_train, n_val, n_test, image_size, seed)
+    """Write an embedded dataset to disk in LLaVA format."""
+    if dataset == "shapes":
+        from mmalign.data.shapes import write_shapes_dataset as write
+    elif dataset == "glyphs":
+        from mmalign.data.glyphs import write_glyphs_dataset as write
+    else:
+        raise typer.BadParameter(f"unknown dataset {dataset!r}; embedded: shapes, glyphs")
+    paths = write(out, n_train, n_val, n_test, image_size, seed)
     console.print_json(json.dumps(paths))
 
 
