@@ -74,15 +74,17 @@ def test_sampling_is_seeded(setup):
     assert a != c
 
 
-def test_cached_left_padded_logits_equal_full_recomputation(setup):
+@pytest.mark.parametrize("room", [0, 3], ids=["dynamic-cache", "static-cache"])
+def test_cached_left_padded_logits_equal_full_recomputation(setup, room):
     """prefill + step on left-padded rows give the logits of running each whole sequence unpadded: a decode position
-    off by one changes them even where it leaves an untrained model's argmax alone."""
+    off by one changes them even where it leaves an untrained model's argmax alone. Both caches: the growing one
+    (room=0) and the one preallocated for `room` new tokens."""
     from mmalign.generate import left_pad
 
     model, tok, prompts, pixels = setup
     ids, mask = left_pad(prompts, tok.pad_token_id)
     with torch.no_grad():
-        logits, state = model.prefill(ids, mask, {"image": pixels})
+        logits, state = model.prefill(ids, mask, {"image": pixels}, room)
         steps = [logits]
         follow = torch.tensor([[21, 22, 23]] * len(prompts))  # (B, 3) tokens appended one at a time
         for t in range(follow.shape[1]):

@@ -26,6 +26,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from mmalign.data.shapes import write_splits
+
 DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
 # Each digit as polylines in a unit box (x right, y down), in a handwritten style rather than seven segments:
@@ -341,20 +343,6 @@ def write_glyphs_dataset(
                 conversations.append(_conversation_record(scene, name, i, rng))
             else:
                 qa[split] += _qa_records(scene, name, split, i, rng)
-    paths = {
-        "captions": out / "captions_train.json",
-        "conversations": out / "conversations_train.json",
-        "val": out / "qa_val.json",
-        "test": out / "qa_test.json",
-        "images": out / "images",
-        "scenes": out / "scenes.json",
-    }
-    for key, data in (
-        ("captions", captions),
-        ("conversations", conversations),
-        ("val", qa["val"]),
-        ("test", qa["test"]),
-    ):
-        paths[key].write_text(json.dumps(data, indent=1))
+    paths = write_splits(out, captions, conversations, qa) | {"scenes": out / "scenes.json"}
     paths["scenes"].write_text(json.dumps(scenes, indent=1))
     return {k: str(v) for k, v in paths.items()}

@@ -167,13 +167,19 @@ def write_shapes_dataset(
                             ],
                         }
                     )
+    paths = write_splits(out, captions, conversations, qa) | {"tokenizer": out / "tokenizer"}
+    (out / "scenes.json").write_text(json.dumps(scenes))
+    build_word_tokenizer(corpus_texts(captions + conversations + qa["val"] + qa["test"]), paths["tokenizer"])
+    return {k: str(v) for k, v in paths.items()}
+
+
+def write_splits(out: Path, captions: list, conversations: list, qa: dict[str, list]) -> dict[str, Path]:
+    """The LLaVA-format files every embedded dataset writes, and their paths (plus the image folder)."""
     paths = {
         "captions": out / "captions_train.json",
         "conversations": out / "conversations_train.json",
         "val": out / "qa_val.json",
         "test": out / "qa_test.json",
-        "images": out / "images",
-        "tokenizer": out / "tokenizer",
     }
     for key, data in (
         ("captions", captions),
@@ -182,9 +188,7 @@ def write_shapes_dataset(
         ("test", qa["test"]),
     ):
         paths[key].write_text(json.dumps(data, indent=1))
-    (out / "scenes.json").write_text(json.dumps(scenes))
-    build_word_tokenizer(corpus_texts(captions + conversations + qa["val"] + qa["test"]), paths["tokenizer"])
-    return {k: str(v) for k, v in paths.items()}
+    return paths | {"images": out / "images"}
 
 
 def load_split(data_dir: str | Path, split: str, encoder) -> tuple[torch.Tensor, list[dict]]:

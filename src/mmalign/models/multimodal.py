@@ -26,11 +26,17 @@ class MediaCountError(ValueError):
 
 @dataclass
 class DecodeState:
-    """What generation carries between steps: the KV cache, the attention mask so far and each row's position."""
+    """What generation carries between steps: the KV cache, the attention mask and each row's position.
+
+    With a static cache (`prefill(..., max_new_tokens=n)`) the mask is preallocated for the whole generation,
+    (B, T + n), its columns from `length` on still 0; `step` sets one column instead of growing it. With a dynamic
+    cache the mask is exactly the `length` columns seen so far and `step` appends one."""
 
     cache: object
-    mask: torch.Tensor  # (B, T) 1 for real tokens, 0 for left padding
+    mask: torch.Tensor  # (B, T + n) 1 for real tokens, 0 for left padding and for columns not yet generated
     position: torch.Tensor  # (B,) position id of each row's last token
+    length: int  # mask columns (tokens) the cache holds so far
+    static: bool = False  # the cache and mask are preallocated: they cannot grow past mask.shape[1]
 
 
 class MultimodalLM(nn.Module):
@@ -149,29 +155,54 @@ class MultimodalLM(nn.Module):
 
     # ---------------------------------------------------------------- generation
     def prefill(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, media: dict[str, torch.Tensor] | None = None
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        media: dict[str, torch.Tensor] | None = None,
+        max_new_tokens: int = 0,
     ) -> tuple[torch.Tensor, DecodeState]:
-        """Run left-padded prompts (B, T) once: the next-token logits (B, V) and the state to continue from."""
-        from transformers import DynamicCache
+        """Run left-padded prompts (B, T) once: the next-token logits (B, V) and the state to continue from.
+
+        With `max_new_tokens` > 0 the KV cache and the attention mask are preallocated for T + max_new_tokens
+        tokens (a `StaticCache`), so each `step` writes in place instead of concatenating; `step` can then run at
+        most `max_new_tokens` times. With 0 the cache grows as it goes (a `DynamicCache`), without limit."""
+        from transformers import DynamicCache, StaticCache
 
         embeds = self.embed(input_ids, media)  # (B, T, D)
         positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # left padding: real tokens start at position 0
-        cache = DynamicCache(config=self.llm.config)
+        batch, length = attention_mask.shape
+        if max_new_tokens > 0:
+            cache = StaticCache(config=self.llm.config, max_cache_len=length + max_new_tokens)
+            # The cache attends over all T + max_new_tokens slots from the start: the mask keeps the unwritten ones
+            # out (transformers' causal mask does too; the zeros make it explicit and leave nothing to pad).
+            mask = attention_mask.new_zeros((batch, length + max_new_tokens))  # (B, T + max_new_tokens)
+            mask[:, :length] = attention_mask
+        else:
+            cache, mask = DynamicCache(config=self.llm.config), attention_mask
         out = self.decoder(
-            inputs_embeds=embeds, attention_mask=attention_mask, position_ids=positions, cache=cache,
-            use_cache=True,
-        )  # fmt: skip
+            inputs_embeds=embeds, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True
+        )
         logits = self.lm_head(out.last_hidden_state[:, -1])  # only the last position is needed
-        return logits, DecodeState(cache=cache, mask=attention_mask, position=positions[:, -1])
+        state = DecodeState(cache=cache, mask=mask, position=positions[:, -1], length=length, static=max_new_tokens > 0)
+        return logits, state
 
     def step(self, state: DecodeState, tokens: torch.Tensor) -> torch.Tensor:
         """Append one token per row (B,) to the state in place; returns the next-token logits (B, V)."""
-        state.mask = torch.cat([state.mask, torch.ones_like(state.mask[:, :1])], dim=1)
+        if state.static:
+            if state.length == state.mask.shape[1]:
+                raise ValueError(
+                    f"the decode state is full: prefill sized it for {state.length} tokens in all (prompt + "
+                    "max_new_tokens); pass prefill a larger max_new_tokens"
+                )
+            state.mask[:, state.length] = 1  # (B,) column of the new token, written in place
+        else:
+            state.mask = torch.cat([state.mask, torch.ones_like(state.mask[:, :1])], dim=1)  # (B, length + 1)
+        state.length += 1
         state.position = state.position + 1
         out = self.decoder(
-            inputs_embeds=self.llm.get_input_embeddings()(tokens[:, None]),
+            inputs_embeds=self.llm.get_input_embeddings()(tokens[:, None]),  # (B, 1, D)
             attention_mask=state.mask,
-            position_ids=state.position[:, None],
+            position_ids=state.position[:, None],  # (B, 1)
             cache=state.cache,
             use_cache=True,
         )
