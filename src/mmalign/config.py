@@ -7,6 +7,7 @@ overridden, before any model is built, and the error names the key and what is a
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -21,14 +22,8 @@ def _f(default: Any, help: str, **limits: Any) -> Any:
     """A field with its help text and optional numeric limits (ge / gt: the value must be >= / > the limit)."""
     metadata = {"help": help, **limits}
     if isinstance(default, list | dict) or dataclasses.is_dataclass(default):
-        return field(default_factory=lambda d=default: _copy(d), metadata=metadata)
+        return field(default_factory=lambda d=default: copy.deepcopy(d), metadata=metadata)
     return field(default=default, metadata=metadata)
-
-
-def _copy(value: Any) -> Any:
-    import copy
-
-    return copy.deepcopy(value)
 
 
 @dataclass

@@ -20,9 +20,9 @@ from mmalign.config import RecipeConfig, check_recipe
 from mmalign.constants import IGNORE_INDEX
 from mmalign.data.dataset import Collator, ConversationDataset, epoch_order
 from mmalign.data.processor import SampleError, processor_for
-from mmalign.models.builder import build_model, check_model_config
+from mmalign.models.builder import build_model
 from mmalign.train.checkpoint import TRAINER_STATE, load_weights, save_checkpoint, weights_step
-from mmalign.train.freeze import count_parameters, group_of, select_groups, set_trainable
+from mmalign.train.freeze import count_parameters, group_of, set_trainable
 from mmalign.train.optim import build_optimizer, warmup_cosine
 
 
@@ -81,15 +81,14 @@ class Trainer:
         self.out = Path(cfg.train.out_dir)
         self.resume = resume
         t = cfg.train
-        check_recipe(cfg)
-        check_model_config(cfg.model)
+        check_recipe(cfg)  # build_model checks the registry names
         torch.manual_seed(t.seed)
         self.device = pick_device(t.device)
         self.model_cfg = deepcopy(cfg.model)
         if t.finetune == "lora":
             self.model_cfg.lora = deepcopy(t.lora)  # the checkpoint records the adapters it carries
         self.model, self.tokenizer = build_model(self.model_cfg)
-        select_groups(self.model, t.trainable)  # names that select nothing fail before any data is read
+        set_trainable(self.model, t.trainable, t.finetune)  # names that select nothing fail before any data is read
         if t.init_from:
             loaded = load_weights(self.model, t.init_from)
             # Parts that came from init_from (e.g. an LLM tuned earlier) cannot be reloaded from their `path`.
@@ -97,7 +96,6 @@ class Trainer:
             self.saved_groups = sorted({groups[name] for name in loaded if name in groups})
         else:
             self.saved_groups = []
-        set_trainable(self.model, t.trainable, t.finetune)
         self.model.to(self.device).train()
         processor = processor_for(self.model, self.tokenizer, cfg.data)
         self.collate = Collator(self.tokenizer.pad_token_id)
