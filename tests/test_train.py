@@ -27,7 +27,8 @@ from mmalign.models.encoders import clip_encoder, save_encoder
 from mmalign.models.llm import load_llm, load_tokenizer
 from mmalign.models.multimodal import MultimodalLM
 from mmalign.train.checkpoint import load_checkpoint
-from mmalign.train.loop import Trainer, train
+from mmalign.train.loop import recipe_trainer, train
+from mmalign.train.trainer import Trainer
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +87,7 @@ def test_stage2_loss_falls_and_checkpoint_reloads(base, shapes, tmp_path):
     for name, p in model.named_parameters():
         if name in saved:
             torch.testing.assert_close(p.detach(), saved[name])
-    fresh = Trainer(cfg).model  # the same build before training: loading must have changed the weights
+    fresh = recipe_trainer(cfg).objective.model  # the same build before training: loading must have changed the weights
     assert not torch.equal(model.connectors["image"].linears[0].weight, fresh.connectors["image"].linears[0].weight)
 
 
@@ -199,20 +200,21 @@ def test_crash_mid_step_resumes_at_the_interrupted_step(base, shapes, tmp_path, 
 
 def test_lora_trains_only_adapters_and_reloads_identically(base, shapes, tmp_path):
     cfg = recipe(base, shapes, tmp_path, max_steps=3, finetune="lora", lora=LoraConfig(r=4, alpha=8))
-    trainer = Trainer(cfg)
-    trainable = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
+    trainer = recipe_trainer(cfg)
+    model = trainer.objective.model
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n or n.startswith("connectors.") for n in trainable)
-    assert not any("lora" in n for n, _ in trainer.model.encoders["image"].named_parameters())
+    assert not any("lora" in n for n, _ in model.encoders["image"].named_parameters())
     trainer.fit()
     reloaded, tok, _ = load_checkpoint(tmp_path / "run")
     ids = torch.tensor(
         [[2, 6] + [reloaded.media_token_ids["image"]] * reloaded.encoders["image"].num_tokens + [10, 11, 7]]
     )
     pixels = torch.randn(1, 3, 32, 32)
-    trainer.model.eval()
+    model.eval()
     with torch.no_grad():
         torch.testing.assert_close(
-            reloaded(ids, media={"image": pixels})["logits"], trainer.model(ids, media={"image": pixels})["logits"]
+            reloaded(ids, media={"image": pixels})["logits"], model(ids, media={"image": pixels})["logits"]
         )
 
 
@@ -224,4 +226,4 @@ def test_resume_refuses_weights_and_state_from_different_steps(base, shapes, tmp
     saved["state"]["step"] = 1  # as if the run died between writing the weights and the trainer state
     torch.save(saved, state_file)
     with pytest.raises(RuntimeError, match="weights are from step 2 but trainer_state.pt from step 1"):
-        Trainer(cfg, resume=True)
+        recipe_trainer(cfg, resume=True)

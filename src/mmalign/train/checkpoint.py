@@ -20,7 +20,6 @@ from mmalign.train.freeze import group_of
 WEIGHTS = "model.safetensors"
 MODEL_CONFIG = "model_config.yaml"
 TRAIN_CONFIG = "train_config.yaml"
-TRAINER_STATE = "trainer_state.pt"
 
 
 def _absolute(path: str | None) -> str | None:
@@ -69,7 +68,7 @@ def save_checkpoint(
     tokenizer,
     model_cfg: ModelConfig,
     recipe: RecipeConfig | None = None,
-    trainer_state: dict | None = None,
+    step: int | None = None,
     extra_groups=(),
 ) -> Path:
     out = Path(out_dir)
@@ -77,17 +76,14 @@ def save_checkpoint(
     # Write to temporary names, then rename: a run killed mid-save keeps its previous checkpoint.
     tmp = out / f"{WEIGHTS}.tmp"
     metadata = {"format": "pt"}
-    if trainer_state is not None:  # lets resume check that weights and trainer state belong together
-        metadata["step"] = str(trainer_state["state"]["step"])
+    if step is not None:  # lets resume check that weights and trainer state belong together
+        metadata["step"] = str(step)
     save_file(weights_to_save(model, model_cfg, extra_groups), tmp, metadata=metadata)
     os.replace(tmp, out / WEIGHTS)
     save_yaml(resolved_model_config(model_cfg), out / MODEL_CONFIG)
     if recipe is not None:
         save_yaml(recipe, out / TRAIN_CONFIG)
     tokenizer.save_pretrained(out / "tokenizer")
-    if trainer_state is not None:
-        torch.save(trainer_state, out / f"{TRAINER_STATE}.tmp")
-        os.replace(out / f"{TRAINER_STATE}.tmp", out / TRAINER_STATE)
     return out
 
 

@@ -11,9 +11,9 @@ from mmalign.config import TrainConfig
 from mmalign.train.freeze import group_of
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """Weight decay only on >= 2-D weights (never biases, norms, gates or temperatures); the connector groups may
-    have their own learning rate (LLaVA's mm_projector_lr)."""
+def build_optimizer_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
+    """AdamW groups: weight decay only on >= 2-D weights (never biases, norms, gates or temperatures); the connector
+    groups may have their own learning rate (LLaVA's mm_projector_lr)."""
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not trainable:
         raise ValueError(f"no trainable parameters (train.trainable={cfg.trainable})")
@@ -24,8 +24,7 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
     param_groups = []
     for params, lr in ((connector, cfg.connector_lr or cfg.lr), (rest, cfg.lr)):
         param_groups += [g | {"lr": lr} for g in decay_groups(params, cfg.weight_decay) if g["params"]]
-    fused = torch.cuda.is_available() and all(p.is_cuda for g in param_groups for p in g["params"])
-    return torch.optim.AdamW(param_groups, betas=tuple(cfg.betas), fused=fused or None)
+    return param_groups
 
 
 def decay_groups(params: list[torch.nn.Parameter], weight_decay: float) -> list[dict]:

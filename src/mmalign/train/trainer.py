@@ -1,0 +1,290 @@
+"""One Trainer for every objective: the LLaVA-style LM loss, contrastive (CLIP, SigLIP, LiT, binding), data2vec and
+supervised heads. The objective owns its modules, its data and what it writes; the Trainer owns the rest: AdamW,
+warm-up + cosine, accumulation, clipping, autocast, progress, named-loss logging, periodic evaluation, and
+checkpoints a stopped run resumes from exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from safetensors import safe_open
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+from mmalign.config import TrainConfig
+from mmalign.contrastive.distributed import rank_and_world
+from mmalign.train.optim import decay_groups, warmup_cosine
+
+TRAINER_STATE = "trainer_state.pt"
+OBJECTIVE_WEIGHTS = "objective.safetensors"
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def autocast_for(precision: str, device: torch.device):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if precision == "bf16" or (device.type == "cuda" and torch.cuda.is_bf16_supported()):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()  # auto on hardware without fast bf16
+
+
+def to_device(batch, device: torch.device):
+    if torch.is_tensor(batch):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    return batch
+
+
+def batch_generator(seed: int, cursor: int) -> torch.Generator:
+    """The generator of batch number `cursor`: a resumed run draws exactly the batches the stopped one would have."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + cursor)
+
+
+class Objective(nn.Module):
+    """What the Trainer optimises. Subclasses implement `batches` and `losses`; the rest has defaults.
+
+    Losses are named, each a sum over its own count (label tokens, pairs, masked patches), so that accumulation over
+    micro-batches is exact: the Trainer divides each sum by the count over the whole accumulation window.
+    """
+
+    name = "objective"
+
+    def steps_per_epoch(self, batch_size: int) -> int | None:
+        """Batches in one pass over the data; None for objectives that sample with replacement."""
+        return None
+
+    def batches(self, state: dict, seed: int, log: Callable[[str], None]) -> Iterator[dict]:
+        """Endless micro-batches (CPU tensors) from `state["cursor"]` on; advance the cursor per batch handed out."""
+        raise NotImplementedError
+
+    def counts(self, batch: dict) -> dict[str, int]:
+        """The normaliser of each named loss in this micro-batch, known before the forward pass."""
+        return {self.name: len(batch["index"])}
+
+    def losses(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Each named loss summed over its count (see `counts`)."""
+        raise NotImplementedError
+
+    def backward(self, batch: dict, window: dict[str, int], autocast) -> dict[str, float]:
+        """Accumulate gradients of sum(loss / window count) into `.grad`; return the detached sums. Objectives that
+        cannot split a batch into independent parts (GradCache) override this."""
+        with autocast:
+            sums = self.losses(batch)
+        sum(value / window[name] for name, value in sums.items()).backward()
+        return {name: value.item() for name, value in sums.items()}
+
+    def optimizer_groups(self, cfg: TrainConfig) -> list[dict]:
+        params = [p for p in self.parameters() if p.requires_grad]
+        return [g for g in decay_groups(params, cfg.weight_decay) if g["params"]]
+
+    def before_optimizer_step(self) -> None:
+        """E.g. average gradients over ranks."""
+
+    def after_step(self, progress: float) -> None:
+        """E.g. clamp a temperature or move an EMA teacher; progress in (0, 1]."""
+
+    def describe(self) -> str:
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        return f"{self.name}: {trainable:,} trainable parameters"
+
+    def evaluate(self) -> dict[str, float]:
+        """Held-out figures, logged at `eval_every` and at the end."""
+        return {}
+
+    def save(self, out: Path, step: int) -> None:
+        """Everything a resumed run needs, stamped with its step."""
+        save_model(self, str(out / OBJECTIVE_WEIGHTS), metadata={"format": "pt", "step": str(step)})
+
+    def load(self, out: Path) -> int | None:
+        """Load what `save` wrote; return the stamped step."""
+        path = out / OBJECTIVE_WEIGHTS
+        load_model(self, str(path))
+        with safe_open(str(path), framework="pt") as f:
+            step = (f.metadata() or {}).get("step")
+        return None if step is None else int(step)
+
+
+class Trainer:
+    """Optimise an objective for `cfg.max_steps` steps (or `cfg.epochs` passes); `fit()` returns a summary."""
+
+    def __init__(self, objective: Objective, cfg: TrainConfig, console: Console | None = None, resume: bool = False):
+        self.objective, self.cfg = objective, cfg
+        self.console = console or Console()
+        self.out = Path(cfg.out_dir)
+        self.rank, _ = rank_and_world()
+        self.device = pick_device(cfg.device)
+        objective.to(self.device).train()
+        per_epoch = objective.steps_per_epoch(cfg.batch_size)
+        if not cfg.max_steps and per_epoch is None:
+            raise ValueError(f"{objective.name} samples with replacement: set train.max_steps")
+        self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * per_epoch / cfg.grad_accum))
+        groups = objective.optimizer_groups(cfg)
+        if not any(g["params"] for g in groups):
+            raise ValueError(f"{objective.name}: no trainable parameters (train.trainable={cfg.trainable})")
+        fused = torch.cuda.is_available() and all(p.is_cuda for g in groups for p in g["params"])
+        self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), fused=fused or None)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, warmup_cosine(self.total_steps, cfg.warmup_ratio)
+        )
+        self.state = {"step": 0, "epoch": 0, "cursor": 0, "seen": 0, "skipped": 0}
+        self.history: dict[str, list[float]] = {}
+        if resume:
+            self._restore()
+        self._commit()
+
+    # ------------------------------------------------------------------------------------------ state
+    def _restore(self) -> None:
+        path = self.out / TRAINER_STATE
+        if not path.is_file():
+            raise FileNotFoundError(f"--resume: no {TRAINER_STATE} in {self.out}; nothing to resume")
+        saved = torch.load(path, weights_only=True)  # tensors and plain data only: nothing in it can run code
+        stamped = self.objective.load(self.out)
+        if stamped is not None and stamped != saved["state"]["step"]:
+            raise RuntimeError(
+                f"{self.out}: weights are from step {stamped} but {TRAINER_STATE} from step {saved['state']['step']}"
+                " (a save was cut short); restart the run or restore a consistent copy"
+            )
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        self.state = saved["state"]
+        torch.set_rng_state(saved["rng"])
+        if saved.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(saved["cuda_rng"])
+        self.console.print(f"resumed {self.out} at step {self.state['step']}/{self.total_steps}")
+
+    def _commit(self) -> None:
+        """Remember the data position and RNG after the last completed step: what a crash mid-step saves, so a
+        resumed run replays the interrupted step's batches instead of skipping them."""
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+        self._committed = (dict(self.state), torch.get_rng_state(), cuda)
+
+    def save(self) -> Path:
+        """Objective weights, then the trainer state, each written to a temporary name and renamed."""
+        if self.rank > 0:
+            return self.out
+        state, rng, cuda_rng = self._committed
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.objective.save(self.out, state["step"])
+        trainer_state = {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "state": state,
+            "rng": rng,
+            "cuda_rng": cuda_rng,
+        }
+        torch.save(trainer_state, self.out / f"{TRAINER_STATE}.tmp")
+        os.replace(self.out / f"{TRAINER_STATE}.tmp", self.out / TRAINER_STATE)
+        return self.out
+
+    def _log(self, row: dict) -> None:
+        if self.rank == 0:
+            with open(self.out / "metrics.jsonl", "a") as fh:
+                fh.write(json.dumps(row) + "\n")
+
+    # ------------------------------------------------------------------------------------------ loop
+    def _step(self, stream: Iterator[dict]) -> dict[str, float]:
+        """One optimizer step over `grad_accum` micro-batches; returns each named loss over the window."""
+        micro = [next(stream) for _ in range(self.cfg.grad_accum)]
+        window: dict[str, int] = {}
+        for batch in micro:
+            for name, n in self.objective.counts(batch).items():
+                window[name] = window.get(name, 0) + n
+        window = {name: max(n, 1) for name, n in window.items()}
+        sums: dict[str, float] = {}
+        for batch in micro:
+            batch = to_device(batch, self.device)
+            for name, value in self.objective.backward(
+                batch, window, autocast_for(self.cfg.precision, self.device)
+            ).items():
+                sums[name] = sums.get(name, 0.0) + value
+        self.objective.before_optimizer_step()
+        if self.cfg.clip_grad > 0:
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            torch.nn.utils.clip_grad_norm_(params, self.cfg.clip_grad)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state["step"] += 1
+        self.objective.after_step(self.state["step"] / self.total_steps)
+        return {name: value / window[name] for name, value in sums.items()}
+
+    def _evaluate(self) -> dict[str, float]:
+        self.objective.eval()
+        with torch.no_grad(), autocast_for(self.cfg.precision, self.device):
+            figures = self.objective.evaluate()
+        self.objective.train()
+        if figures:
+            self._log({"step": self.state["step"], **figures})
+        return figures
+
+    def fit(self) -> dict:
+        cfg = self.cfg
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+        self.console.print(f"[bold]{self.out}[/]: {self.total_steps} steps, {self.objective.describe()}")
+        start = time.time()
+        columns = [
+            TextColumn(f"[bold blue]{self.objective.name}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+        ]
+        losses: dict[str, float] = {}
+        try:
+            with Progress(*columns, console=self.console, disable=not cfg.progress or self.rank > 0) as bar:
+                task = bar.add_task("train", total=self.total_steps, completed=self.state["step"], info="")
+                stream = self.objective.batches(self.state, cfg.seed, bar.console.print)
+                while self.state["step"] < self.total_steps:
+                    losses = self._step(stream)
+                    self._commit()
+                    step, lr = self.state["step"], self.scheduler.get_last_lr()[0]
+                    for name, value in losses.items():
+                        self.history.setdefault(name, []).append(value)
+                    shown = " ".join(f"{n} {v:.4f}" for n, v in losses.items())
+                    bar.update(task, advance=1, info=f"{shown} lr {lr:.2e}")
+                    if (cfg.log_every and step % cfg.log_every == 0) or step == self.total_steps:
+                        self._log({"step": step, "loss": sum(losses.values()), **losses, "lr": lr})
+                    if cfg.eval_every and step % cfg.eval_every == 0 and step < self.total_steps:
+                        self._evaluate()
+                    if cfg.save_every and step % cfg.save_every == 0 and step < self.total_steps:
+                        self.save()
+        except (Exception, KeyboardInterrupt) as err:
+            self.save()  # weights and optimizer are those of the last completed step, like the saved position
+            self.console.print(
+                f"[red]stopped at step {self._committed[0]['step']}[/] ({type(err).__name__}); "
+                f"saved {self.out}, continue with --resume"
+            )
+            raise
+        figures = self._evaluate()
+        self.save()
+        summary = {
+            "out_dir": str(self.out),
+            "steps": self.state["step"],
+            "loss": sum(losses.values()) if losses else float("nan"),
+            "losses": losses,
+            "first_losses": {name: values[0] for name, values in self.history.items()},
+            "eval": figures,
+            "skipped": self.state["skipped"],
+            "seconds": time.time() - start,
+        }
+        if self.rank == 0:
+            (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
+        return summary
