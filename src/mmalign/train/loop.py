@@ -65,10 +65,10 @@ class LMObjective(Objective):
     def steps_per_epoch(self, batch_size: int) -> int:
         return -(-len(self.train_ds) // batch_size)
 
-    def batches(self, state: dict, seed: int, log):
+    def batches(self, state: dict, cfg, log):
         """Collated batches from the saved (epoch, cursor) on; the cursor counts batches handed out. Batches whose
         samples all failed are accounted for and passed over."""
-        bs = self.cfg.train.batch_size
+        bs, seed = cfg.batch_size, cfg.seed
         while True:
             order = epoch_order(len(self.train_ds), seed, state["epoch"])
             chunks = [order[i : i + bs] for i in range(0, len(order), bs)][state["cursor"] :]

@@ -69,8 +69,9 @@ class Objective(nn.Module):
         """Batches in one pass over the data; None for objectives that sample with replacement."""
         return None
 
-    def batches(self, state: dict, seed: int, log: Callable[[str], None]) -> Iterator[dict]:
-        """Endless micro-batches (CPU tensors) from `state["cursor"]` on; advance the cursor per batch handed out."""
+    def batches(self, state: dict, cfg: TrainConfig, log: Callable[[str], None]) -> Iterator[dict]:
+        """Endless micro-batches (CPU tensors) from `state["cursor"]` on; advance the cursor per batch handed out.
+        Objectives that sample draw batch number `cursor` with `batch_generator(cfg.seed, cursor)`."""
         raise NotImplementedError
 
     def counts(self, batch: dict) -> dict[str, int]:
@@ -251,7 +252,7 @@ class Trainer:
         try:
             with Progress(*columns, console=self.console, disable=not cfg.progress or self.rank > 0) as bar:
                 task = bar.add_task("train", total=self.total_steps, completed=self.state["step"], info="")
-                stream = self.objective.batches(self.state, cfg.seed, bar.console.print)
+                stream = self.objective.batches(self.state, cfg, bar.console.print)
                 while self.state["step"] < self.total_steps:
                     losses = self._step(stream)
                     self._commit()

@@ -1,0 +1,60 @@
+"""Media-text pairs from any LLaVA-format file: what contrastive pretraining (LiT, CLIP, SigLIP) and data2vec read.
+
+A record gives one pair: its first item of the modality and its first assistant reply (for caption data, the
+caption). Records without that modality are passed over; unreadable ones are skipped with a count.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mmalign.data.processor import SampleError, parse_record, read_records
+from mmalign.modalities.base import MediaError, get_modality
+
+
+@dataclass
+class Pairs:
+    media: torch.Tensor  # (N, ...) preprocessed for one encoder
+    texts: list[str]  # N captions ("" where a record has no assistant reply)
+    ids: list[str]
+    skipped: list[str]  # "id: problem" for every record that could not be read
+
+
+def read_pairs(paths, folder: str | Path, encoder, modality: str = "image") -> Pairs:
+    """Every record of `paths` (files of LLaVA records) with an item of `modality`, preprocessed for `encoder`."""
+    mod = get_modality(modality)
+    folder = Path(folder)
+    media, texts, ids, skipped = [], [], [], []
+    for path in [paths] if isinstance(paths, str | Path) else paths:
+        for index, record in enumerate(read_records(path)):
+            try:
+                conv = parse_record(record, index)
+                items = conv.media.get(modality) or []
+                if not items:
+                    continue
+                item = items[0]
+                raw = mod.load(folder / item if isinstance(item, str) else item)
+                media.append(mod.preprocess(raw, encoder))
+            except (SampleError, MediaError) as err:
+                skipped.append(f"{record.get('id', f'#{index}') if isinstance(record, dict) else f'#{index}'}: {err}")
+                continue
+            replies = [m["content"] for m in conv.messages if m["role"] == "assistant"]
+            texts.append(replies[0].strip() if replies else "")
+            ids.append(str(conv.id))
+    if not media:
+        raise ValueError(f"no {modality} items found in {paths} (skipped {len(skipped)}: {skipped[:3]})")
+    return Pairs(torch.stack(media), texts, ids, skipped)
+
+
+def split_off(pairs: Pairs, n: int, seed: int) -> tuple[Pairs, Pairs]:
+    """(train, held-out): `n` random pairs held out, the rest for training."""
+    order = torch.randperm(len(pairs.ids), generator=torch.Generator().manual_seed(seed)).tolist()
+    held, kept = sorted(order[:n]), sorted(order[n:])
+
+    def take(rows: list[int]) -> Pairs:
+        return Pairs(pairs.media[rows], [pairs.texts[i] for i in rows], [pairs.ids[i] for i in rows], [])
+
+    return take(kept), take(held)
