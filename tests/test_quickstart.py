@@ -1,26 +1,52 @@
 """The quickstart pipeline end to end, shrunk: the model must beat the blind baseline and the majority answer on
-held-out images (the full-size figures are in the README, from `mmalign quickstart`)."""
+held-out images (the full-size figures are in the README, from `mmalign quickstart`), on the embedded shapes data
+and on a user's own LLaVA-format files (the glyphs data, written to disk and passed as files)."""
 
 from __future__ import annotations
 
 import json
 
-from mmalign.quickstart import run_quickstart
+from mmalign.data.glyphs import write_glyphs_dataset
+from mmalign.quickstart import run_quickstart, split_stages
+
+SMALL = dict(vision_steps=150, lm_steps=80, stage1_epochs=1, stage2_epochs=3, progress=False)
 
 
 def test_quickstart_learns_to_see(tmp_path):
-    result = run_quickstart(
-        tmp_path / "run",
-        tmp_path / "data",
-        n_train=600,
-        vision_steps=150,
-        lm_steps=80,
-        stage1_epochs=1,
-        stage2_epochs=3,
-        progress=False,
-    )
+    result = run_quickstart(tmp_path / "run", embedded_dir=tmp_path / "data", n_train=600, **SMALL)
     assert result["accuracy"] > result["blind_accuracy"] + 0.2
     assert result["accuracy"] > result["majority_accuracy"] + 0.15
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
     assert saved["accuracy"] == result["accuracy"]
     assert (tmp_path / "run" / "stage2" / "model.safetensors").is_file()
+
+
+def test_quickstart_on_a_users_files(tmp_path):
+    """No tokenizer, no scenes: only LLaVA files and an image folder, as a user would have them."""
+    paths = write_glyphs_dataset(tmp_path / "glyphs", n_train=800, n_val=10, n_test=60)
+    result = run_quickstart(
+        tmp_path / "run",
+        [paths["captions"], paths["conversations"]],
+        paths["test"],
+        paths["images"],
+        **SMALL,
+    )
+    assert (tmp_path / "run" / "base" / "tokenizer" / "tokenizer.json").is_file()  # trained on the data's text
+    assert result["accuracy"] > result["blind_accuracy"] + 0.1
+    assert result["accuracy"] > result["majority_accuracy"] + 0.08
+
+
+def test_records_split_into_caption_and_conversation_stages(tmp_path):
+    cap = {
+        "id": "c",
+        "image": "a.png",
+        "conversations": [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "x"}],
+    }
+    conv = {"id": "v", "image": "a.png", "conversations": cap["conversations"] * 2}
+    (tmp_path / "data.json").write_text(json.dumps([cap, conv]))
+    stages = split_stages([tmp_path / "data.json"], tmp_path / "out")
+    assert [r["id"] for r in json.loads(stages["stage1"].read_text())] == ["c"]
+    assert [r["id"] for r in json.loads(stages["stage2"].read_text())] == ["v"]
+    (tmp_path / "qa.json").write_text(json.dumps([conv]))  # no caption-like records: both stages read everything
+    stages = split_stages([tmp_path / "qa.json"], tmp_path / "out2")
+    assert stages["captions"] is None and json.loads(stages["stage1"].read_text()) == [conv]

@@ -38,25 +38,57 @@ def _config_table() -> str:
 @app.command()
 def quickstart(
     out: Path = typer.Option(Path("runs/quickstart"), help="Folder for the models, checkpoints and results."),
-    data: Path = typer.Option(Path("data/shapes"), help="Embedded dataset folder; written if missing."),
+    data: list[Path] = typer.Option(
+        None, help="LLaVA-format training file(s); repeat for several. Default: the embedded dataset."
+    ),
+    eval: Path = typer.Option(None, help="Held-out LLaVA-format questions to score (with --data)."),
+    image_folder: Path = typer.Option(None, help="Folder the records' image paths are relative to (with --data)."),
+    val: Path = typer.Option(None, help="Validation file for stage 2's validation loss (with --data)."),
+    dataset: str = typer.Option("shapes", help="Embedded dataset used without --data: shapes or glyphs."),
     finetune: str = typer.Option("full", help="Stage-2 LLM fine-tuning: full or lora."),
     vision: str = typer.Option(
-        "contrastive", help="Stage-0 vision pretraining: contrastive (LiT vs the pretrained MiniLM) or supervised."
+        "auto",
+        help="Stage-0 vision pretraining: auto (lit when the data has caption-like records, else data2vec), lit "
+        "(contrastive vs the locked pretrained MiniLM), data2vec (self-distillation, no text), supervised (shapes "
+        "attributes; embedded shapes only).",
     ),
     seed: int = typer.Option(0, help="Seed for data, initialisation and order."),
     progress: bool = typer.Option(True, help="Show progress bars."),
 ) -> None:
-    """Train a small LLaVA-style model on the embedded shapes data and show what it learned.
+    """Train a small LLaVA-style model on your data (or the embedded data) and show what it learned.
 
-    Stage 0 pretrains a tiny vision tower (contrastively, against a locked pretrained text tower) and a tiny LM,
-    stage 1 aligns the connector on captions, stage 2 instruction-tunes on conversations; then held-out accuracy
-    per question type, a blind baseline (images replaced by zeros), the time taken, the checkpoint, and one
-    answered question.
+    Stage 0 builds a tokenizer from the data's text and pretrains a tiny vision tower (contrastively against a
+    locked pretrained text tower, on the records that are one question and one answer) and a tiny LM on the text;
+    stage 1 aligns the connector on those caption-like records, stage 2 instruction-tunes on the rest; then held-out
+    accuracy per question type (records' `question_type`), a blind baseline (images replaced by zeros), the
+    majority answer, the time taken, the checkpoint, and one answered question. The defaults are the same for every
+    dataset.
+
+    Examples: `mmalign quickstart` (embedded shapes), `mmalign quickstart --dataset glyphs`, `mmalign quickstart
+    --data captions.json --data conversations.json --eval test.json --image-folder images/`.
     """
     _quiet_transformers()
     from mmalign.quickstart import run_quickstart
 
-    run_quickstart(out, data, finetune=finetune, vision=vision, seed=seed, progress=progress, console=console)
+    if dataset not in ("shapes", "glyphs"):
+        raise typer.BadParameter(f"unknown dataset {dataset!r}; embedded: shapes, glyphs")
+    if data and image_folder is None:
+        raise typer.BadParameter("--data needs --image-folder (the folder its image paths are relative to)")
+    if not data and dataset != "shapes" and out == Path("runs/quickstart"):
+        out = Path(f"runs/quickstart_{dataset}")  # a second embedded dataset does not overwrite the first
+    run_quickstart(
+        out,
+        data or None,
+        eval,
+        image_folder,
+        val_data=val,
+        embedded=dataset,
+        finetune=finetune,
+        vision=vision,
+        seed=seed,
+        progress=progress,
+        console=console,
+    )
 
 
 @app.command("data")
@@ -86,26 +118,38 @@ def data_cmd(
 
 @app.command()
 def pretrain(
-    data: Path = typer.Option(Path("data/shapes"), help="Embedded dataset folder (from `mmalign data`)."),
-    out: Path = typer.Option(Path("runs/quickstart/base"), help="Writes encoder/ and lm/ here."),
-    vision: str = typer.Option("contrastive", help="contrastive (LiT vs the pretrained MiniLM) or supervised."),
-    vision_steps: int = typer.Option(None, help="Optimizer steps for the vision tower (600 LiT, 400 supervised)."),
+    data: list[Path] = typer.Option(..., help="LLaVA-format training file(s); repeat for several."),
+    image_folder: Path = typer.Option(..., help="Folder the records' image paths are relative to."),
+    out: Path = typer.Option(Path("runs/base"), help="Writes tokenizer/, encoder/, lm/, stage1.json, stage2.json."),
+    vision: str = typer.Option(
+        "auto", help="auto (lit when there are caption-like records, else data2vec), lit, data2vec, supervised."
+    ),
+    tokenizer: str = typer.Option("bpe", help="bpe (byte-level BPE trained on the data), word or wordpiece."),
+    vision_steps: int = typer.Option(None, help="Optimizer steps for the vision tower (600; 400 supervised)."),
     lm_steps: int = typer.Option(200, help="Optimizer steps for the LM."),
     seed: int = typer.Option(0, help="Seed."),
 ) -> None:
-    """Stage 0 for the embedded default, exactly as the quickstart runs it.
+    """Stage 0 for any LLaVA-format dataset, exactly as the quickstart runs it.
 
-    The tiny vision tower and tiny LM, saved as HF folders that the shapes recipes load
-    (model.media.image.encoder.path, model.llm.path)."""
+    A tokenizer trained on the data's text, a tiny vision tower pretrained on the data's own images without labels
+    (LiT against the locked MiniLM on the caption-like records, or data2vec), and a tiny LM pretrained on the text;
+    saved as HF folders the recipes load (model.media.image.encoder.path=OUT/encoder, model.llm.path=OUT/lm), with
+    the records split for stage 1 (OUT/stage1.json) and stage 2 (OUT/stage2.json)."""
     _quiet_transformers()
     from mmalign.quickstart import pretrain_base
 
-    pretrain_base(data, out, vision=vision, vision_steps=vision_steps, lm_steps=lm_steps, seed=seed, console=console)
+    paths = pretrain_base(data, image_folder, out, vision=vision, tokenizer=tokenizer, vision_steps=vision_steps,
+                          lm_steps=lm_steps, seed=seed, console=console)  # fmt: skip
+    console.print_json(json.dumps({k: str(v) for k, v in paths.items() if v is not None}))
 
 
 @app.command()
 def contrastive(
-    data: Path = typer.Option(Path("data/shapes"), help="Embedded dataset folder (from `mmalign data`)."),
+    data: Path = typer.Option(
+        Path("data/shapes"), help="A folder from `mmalign data`, or a LLaVA-format file of image-caption records."
+    ),
+    image_folder: Path = typer.Option(None, help="Folder the records' image paths are relative to (with a file)."),
+    eval_data: Path = typer.Option(None, help="Held-out caption records for retrieval; default: 5% held out."),
     out: Path = typer.Option(Path("runs/contrastive"), help="Writes image_encoder/, heads.safetensors, results.json."),
     loss: str = typer.Option("clip", help="clip (symmetric InfoNCE) or siglip (pairwise sigmoid)."),
     steps: int = typer.Option(600, help="Optimizer steps."),
@@ -116,11 +160,17 @@ def contrastive(
         None, help="Fine-tune this earlier `mmalign contrastive` output: also reports zero-shot before, and WiSE-FT."
     ),
     seed: int = typer.Option(0, help="Seed."),
+    resume: bool = typer.Option(False, help="Continue a stopped run in --out from its last checkpoint."),
+    overrides: list[str] = typer.Argument(
+        None, help="Trainer settings as train.key=value (see `mmalign train --help`)."
+    ),
 ) -> None:
-    """LiT on the embedded data: a tiny image tower from scratch against a locked pretrained text tower.
+    """LiT: a tiny image tower from scratch against a locked pretrained text tower, on image-caption pairs.
 
-    Prints zero-shot colour and shape accuracy on held-out images (from text prompts) and retrieval Recall@1/5/10.
-    The image tower it writes loads as the frozen encoder of the LLaVA recipes (model.media.image.encoder.path).
+    Prints retrieval Recall@1/5/10 on held-out pairs and, on the embedded shapes data, zero-shot colour and shape
+    accuracy from text prompts. The image tower it writes loads as the frozen encoder of the LLaVA recipes
+    (model.media.image.encoder.path). A run of the one Trainer: train.grad_accum, train.precision,
+    train.save_every, ... apply, and --resume continues it.
     """
     _quiet_transformers()
     from rich.table import Table
@@ -128,8 +178,8 @@ def contrastive(
     from mmalign.contrastive.train import train_lit
 
     res = train_lit(
-        data, out, loss=loss, steps=steps, batch_size=batch_size, lr=lr, text_tower=text_tower, init_from=init_from,
-        seed=seed,
+        data, out, image_folder=image_folder, eval_data=eval_data, loss=loss, steps=steps, batch_size=batch_size,
+        lr=lr, text_tower=text_tower, init_from=init_from, seed=seed, overrides=overrides or [], resume=resume,
     )  # fmt: skip
     table = Table(title=f"held-out images, {loss} loss, locked MiniLM text tower")
     table.add_column("metric")

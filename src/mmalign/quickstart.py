@@ -1,4 +1,5 @@
-"""`mmalign quickstart`: the whole LLaVA recipe on the embedded default, end to end, in a few CPU minutes."""
+"""`mmalign pretrain` and `mmalign quickstart`: stage 0 and the whole LLaVA recipe on any LLaVA-format data (the
+embedded shapes data when none is given), with one set of defaults for every dataset."""
 
 from __future__ import annotations
 
@@ -11,53 +12,134 @@ from rich.console import Console
 from rich.table import Table
 
 from mmalign.config import load_recipe
+from mmalign.data.processor import read_records
+
+VISION_CHOICES = ("auto", "lit", "data2vec", "supervised")
 
 
 def _fmt(acc: dict) -> str:
     return ", ".join(f"{k} {v:.0%}" for k, v in acc.items())
 
 
+def _is_caption(record: dict) -> bool:
+    """One question and one answer: a caption-like record, what stage 1 and contrastive pretraining read."""
+    return isinstance(record, dict) and len(record.get("conversations") or []) == 2
+
+
+def split_stages(files: list[Path], out: Path) -> dict[str, Path | None]:
+    """Write out/stage1.json (caption-like records) and out/stage2.json (longer conversations; every record when
+    there are none). A dataset without caption-like records aligns on all of its records in stage 1 too."""
+    records = [rec for path in files for rec in read_records(path)]
+    captions = [r for r in records if _is_caption(r)]
+    conversations = [r for r in records if not _is_caption(r)] or records
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "stage1.json").write_text(json.dumps(captions or records))
+    (out / "stage2.json").write_text(json.dumps(conversations))
+    return {
+        "stage1": out / "stage1.json",
+        "stage2": out / "stage2.json",
+        "captions": out / "stage1.json" if captions else None,
+    }
+
+
 def pretrain_base(
-    data: str | Path,
+    data: list[str | Path],
+    image_folder: str | Path,
     out: str | Path,
     *,
-    vision: str = "contrastive",
+    vision: str = "auto",
+    tokenizer: str = "bpe",
+    lit_data: str | Path | None = None,
     vision_steps: int | None = None,
     lm_steps: int = 200,
     seed: int = 0,
     console: Console | None = None,
     progress: bool = True,
-) -> None:
-    """Stage 0 for the embedded default: writes out/encoder (vision tower) and out/lm (LM + tokenizer)."""
+) -> dict:
+    """Stage 0 for LLaVA-format `data` files (media paths relative to `image_folder`). Writes out/tokenizer (trained
+    on the data's text), out/encoder (the vision tower: LiT against the locked MiniLM on the caption-like records,
+    or data2vec on the images when there are none) and out/lm (a tiny LM pretrained on the data's text), plus
+    out/stage1.json and out/stage2.json for the recipes. `lit_data`: a folder from `mmalign data` whose scenes
+    give LiT one canonical caption per image and a zero-shot report (the embedded demo). Returns those paths."""
     from mmalign.contrastive.train import train_lit
-    from mmalign.train.pretrain import pretrain_lm, pretrain_vision
+    from mmalign.data.tokenizer import build_data_tokenizer
+    from mmalign.train.pretrain import lm_corpus, pretrain_lm
 
+    if vision not in VISION_CHOICES:
+        raise ValueError(f"vision must be one of {', '.join(VISION_CHOICES)}; got {vision!r}")
     console = console or Console()
-    data, out = Path(data), Path(out)
-    if vision == "contrastive":
-        lit = train_lit(data, out / "contrastive", steps=vision_steps or 600, seed=seed, console=console,
-                        progress=progress)  # fmt: skip
+    data, out, folder = [Path(p) for p in data], Path(out), Path(image_folder)
+    stages = split_stages(data, out)
+    texts = [m["content"] for conv in lm_corpus(data) for m in conv]
+    build_data_tokenizer(texts, out / "tokenizer", kind=tokenizer)
+    if vision == "auto":
+        vision = "lit" if stages["captions"] else "data2vec"
+    if vision == "lit":
+        if stages["captions"] is None:
+            raise ValueError("vision=lit needs caption-like records (one question, one answer); try data2vec")
+        lit = train_lit(lit_data or stages["captions"], out / "contrastive", image_folder=folder,
+                        steps=vision_steps or 600, seed=seed, console=console, progress=progress)  # fmt: skip
         shutil.copytree(lit["image_encoder"], out / "encoder", dirs_exist_ok=True)
+        zero_shot = f"zero-shot {_fmt(lit['zero_shot'])}, " if lit["zero_shot"] else ""
         console.print(
-            f"vision tower (LiT vs the locked MiniLM text tower): held-out zero-shot {_fmt(lit['zero_shot'])}, "
+            f"vision tower (LiT vs the locked MiniLM text tower, {lit['pairs']} pairs): held-out {zero_shot}"
             f"image-to-text R@1 {lit['retrieval']['image_to_text_R@1']:.0%}"
         )
-    elif vision == "supervised":
-        sup = pretrain_vision(data, out / "encoder", steps=vision_steps or 400, seed=seed, console=console,
+    elif vision == "data2vec":
+        _pretrain_data2vec(data, folder, out / "encoder", vision_steps or 600, seed, console, progress)
+    else:
+        from mmalign.train.pretrain import pretrain_vision
+
+        sup = pretrain_vision(folder.parent, out / "encoder", steps=vision_steps or 400, seed=seed, console=console,
                               progress=progress)  # fmt: skip
         console.print(f"vision tower: held-out attribute accuracy {_fmt(sup['val_accuracy'])}")
-    else:
-        raise ValueError(f"vision must be contrastive or supervised, got {vision!r}")
-    texts = [data / "captions_train.json", data / "conversations_train.json"]
-    pretrain_lm(texts, data / "tokenizer", out / "lm", steps=lm_steps, seed=seed, console=console, progress=progress)
+    lm = pretrain_lm(data, out / "tokenizer", out / "lm", steps=lm_steps, seed=seed, console=console,
+                     progress=progress)  # fmt: skip
+    console.print(f"LM: {len(texts)} turns of text, loss {lm['first_loss']:.2f} -> {lm['last_loss']:.2f}")
+    return stages | {"encoder": out / "encoder", "lm": out / "lm", "tokenizer": out / "tokenizer"}
+
+
+def _pretrain_data2vec(data, folder, out, steps, seed, console, progress) -> None:
+    from mmalign.contrastive.data2vec import train_data2vec
+    from mmalign.data.pairs import read_pairs
+    from mmalign.models.encoders import clip_encoder, save_encoder
+
+    encoder = clip_encoder(preset="tiny-vit")
+    pairs = read_pairs(data, folder, encoder)
+    losses = train_data2vec(encoder, pairs.media, steps=steps, lr=2e-3, seed=seed, out_dir=out.parent / "data2vec",
+                            top_k=4, ema_start=0.99, ema_end=0.999, progress=progress, console=console)  # fmt: skip
+    save_encoder(encoder, out)
+    console.print(f"vision tower (data2vec, {len(pairs.ids)} images): loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+
+
+def embedded_data(name: str, folder: Path, n_train: int, seed: int, console: Console) -> dict[str, Path]:
+    """The files of an embedded dataset, written on first use."""
+    if not (folder / "qa_test.json").is_file():
+        console.print(f"[bold]writing the embedded {name} dataset[/] to {folder}")
+        if name == "shapes":
+            from mmalign.data.shapes import write_shapes_dataset as write
+        else:
+            from mmalign.data.glyphs import write_glyphs_dataset as write
+        write(folder, n_train=n_train, seed=seed)
+    return {
+        "data": [folder / "captions_train.json", folder / "conversations_train.json"],
+        "eval": folder / "qa_test.json",
+        "val": folder / "qa_val.json",
+        "image_folder": folder / "images",
+    }
 
 
 def run_quickstart(
     out: str | Path = "runs/quickstart",
-    data: str | Path = "data/shapes",
+    data: list[str | Path] | None = None,
+    eval_data: str | Path | None = None,
+    image_folder: str | Path | None = None,
     *,
+    val_data: str | Path | None = None,
+    embedded: str = "shapes",
+    embedded_dir: str | Path | None = None,
     finetune: str = "full",
-    vision: str = "contrastive",
+    vision: str = "auto",
     seed: int = 0,
     n_train: int = 3000,
     vision_steps: int | None = None,
@@ -67,35 +149,40 @@ def run_quickstart(
     progress: bool = True,
     console: Console | None = None,
 ) -> dict:
-    """Stage 0, 1 and 2 on the embedded shapes data, then test accuracy vs a blind baseline. The size arguments
-    shrink the run (tests use them); the defaults are what the README reports."""
-    from mmalign.data.processor import processor_for
-    from mmalign.data.shapes import write_shapes_dataset
-    from mmalign.evaluate import evaluate_vqa, majority_baseline
-    from mmalign.train.checkpoint import load_checkpoint
+    """Stage 0, 1 and 2 on `data` (LLaVA-format files, media under `image_folder`), then accuracy on `eval_data`
+    against a blind baseline and the majority answer. Without `data`, the embedded dataset `embedded` (written to
+    `embedded_dir`, default data/<name>). The size arguments shrink the run (tests use them); the defaults are what
+    the README reports, the same for every dataset."""
     from mmalign.train.loop import train
 
     console = console or Console()
-    out, data = Path(out), Path(data)
+    out = Path(out)
     start = time.time()
-    if not (data / "qa_test.json").is_file():
-        console.print(f"[bold]writing the embedded shapes dataset[/] to {data}")
-        write_shapes_dataset(data, n_train=n_train, seed=seed)
-    console.print("[bold]stage 0[/]: pretraining the tiny vision tower and the tiny LM on the embedded data")
-    pretrain_base(data, out / "base", vision=vision, vision_steps=vision_steps, lm_steps=lm_steps, seed=seed,
-                  console=console, progress=progress)  # fmt: skip
+    name, lit_data = embedded, None
+    if data is None:
+        files = embedded_data(embedded, Path(embedded_dir or f"data/{embedded}"), n_train, seed, console)
+        data, eval_data, val_data, image_folder = files["data"], files["eval"], files["val"], files["image_folder"]
+        lit_data = Path(embedded_dir or f"data/{embedded}") if embedded == "shapes" else None
+    else:
+        name = Path(data[0]).resolve().parent.name
+        if image_folder is None:
+            raise ValueError("--image-folder is needed with --data: the folder the records' image paths are in")
+    image_folder = Path(image_folder)
+    console.print("[bold]stage 0[/]: a tokenizer, the tiny vision tower and the tiny LM, from the training data")
+    base = pretrain_base(data, image_folder, out / "base", vision=vision, lit_data=lit_data, vision_steps=vision_steps,
+                         lm_steps=lm_steps, seed=seed, console=console, progress=progress)  # fmt: skip
     common = [
-        f"model.media.image.encoder.path={out / 'base/encoder'}",
-        f"model.llm.path={out / 'base/lm'}",
-        f"data.image_folder={data / 'images'}",
+        f"model.media.image.encoder.path={base['encoder']}",
+        f"model.llm.path={base['lm']}",
+        f"data.image_folder={image_folder}",
         f"train.seed={seed}",
         f"train.progress={str(progress).lower()}",
     ]
-    console.print("[bold]stage 1[/]: feature alignment (connector only, captions)")
+    console.print("[bold]stage 1[/]: feature alignment (connector only, caption-like records)")
     stage1 = load_recipe(
         "shapes_stage1",
         common
-        + [f"data.train={data / 'captions_train.json'}", f"train.out_dir={out / 'stage1'}"]
+        + [f"data.train={base['stage1']}", f"train.out_dir={out / 'stage1'}"]
         + ([f"train.epochs={stage1_epochs}"] if stage1_epochs else []),
     )
     train(stage1, console=console)
@@ -104,8 +191,8 @@ def run_quickstart(
         "shapes_stage2",
         common
         + [
-            f"data.train={data / 'conversations_train.json'}",
-            f"data.val={data / 'qa_val.json'}",
+            f"data.train={base['stage2']}",
+            f"data.val={val_data}" if val_data else "data.val=null",
             f"train.out_dir={out / 'stage2'}",
             f"train.init_from={out / 'stage1'}",
             f"train.finetune={finetune}",
@@ -115,44 +202,48 @@ def run_quickstart(
     )
     train(stage2, console=console)
     train_seconds = time.time() - start
+    result = {"checkpoint": str(out / "stage2"), "train_seconds": train_seconds}
+    if eval_data is not None:
+        result |= held_out_table(out / "stage2", stage2.data, Path(eval_data), image_folder, name, progress, console)
+    result["seconds"] = time.time() - start
+    console.print(f"time: {result['seconds']:.0f} s (training {train_seconds:.0f} s); checkpoint: {out / 'stage2'}")
+    (out / "results.json").write_text(json.dumps(result, indent=1))
+    return result
 
-    model, tokenizer, _ = load_checkpoint(out / "stage2")
-    processor = processor_for(model, tokenizer, stage2.data)
-    test, images = data / "qa_test.json", data / "images"
+
+def held_out_table(checkpoint, data_cfg, test: Path, images: Path, name: str, progress: bool, console) -> dict:
+    """Accuracy per question type on `test`, with the blind (zeroed media) and majority-answer baselines; prints a
+    table and one answered question."""
+    from mmalign.data.processor import processor_for
+    from mmalign.evaluate import evaluate_vqa, majority_baseline
+    from mmalign.train.checkpoint import load_checkpoint
+
+    model, tokenizer, _ = load_checkpoint(checkpoint)
+    processor = processor_for(model, tokenizer, data_cfg)
     seen = evaluate_vqa(model, processor, test, images, progress=progress)
     blind = evaluate_vqa(model, processor, test, images, blind=True, progress=progress)
     majority = majority_baseline(test)
-    seconds = time.time() - start
-
-    table = Table(title="held-out test VQA accuracy (shapes, images never seen in training)")
+    table = Table(title=f"held-out test VQA accuracy ({name}, images never seen in training)")
     for col in ("question type", "n", "model", "blind (zero image)", "majority answer"):
         table.add_column(col, justify="left" if col == "question type" else "right")
     for qtype, (acc, n) in seen["by_type"].items():
         table.add_row(
             qtype, str(n), f"{acc:.1%}", f"{blind['by_type'][qtype][0]:.1%}", f"{majority['by_type'][qtype]:.1%}"
         )
-    overall_majority = majority["all"]
     table.add_row(
-        "all", str(seen["n"]), f"{seen['accuracy']:.1%}", f"{blind['accuracy']:.1%}", f"{overall_majority:.1%}"
+        "all", str(seen["n"]), f"{seen['accuracy']:.1%}", f"{blind['accuracy']:.1%}", f"{majority['all']:.1%}"
     )
     console.print(table)
-
-    # One question about one test image, so the user sees it answer.
-    example = seen["predictions"][0]
-    rec = next(r for r in json.loads(test.read_text()) if r["id"] == example["id"])
+    example = seen["predictions"][0]  # one question about one test image, so the user sees it answer
+    rec = next(r for r in read_records(test) if r["id"] == example["id"])
     question = rec["conversations"][0]["value"].replace("<image>", "").strip()
     console.print(f"[bold]example[/]: {images / rec['image']}\n  Q: {question}\n  A: {example['prediction']}")
-    console.print(f"time: {seconds:.0f} s (training {train_seconds:.0f} s); checkpoint: {out / 'stage2'}")
-    result = {
+    return {
         "accuracy": seen["accuracy"],
         "blind_accuracy": blind["accuracy"],
-        "majority_accuracy": overall_majority,
+        "majority_accuracy": majority["all"],
         "by_type": {
             t: {"model": a, "blind": blind["by_type"][t][0], "majority": majority["by_type"][t]}
             for t, (a, _) in seen["by_type"].items()
         },
-        "seconds": seconds,
-        "checkpoint": str(out / "stage2"),
     }
-    (out / "results.json").write_text(json.dumps(result, indent=1))
-    return result

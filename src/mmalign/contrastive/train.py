@@ -26,7 +26,7 @@ from mmalign.contrastive.gradcache import cached_contrastive_step
 from mmalign.contrastive.losses import ClipLoss, SigLipLoss
 from mmalign.contrastive.model import DualEncoder, PooledEncoder, TextTower, minilm_path
 from mmalign.contrastive.wise import interpolate_weights
-from mmalign.data.pairs import read_pairs, split_off
+from mmalign.data.pairs import Pairs, read_pairs, split_off
 from mmalign.data.shapes import ATTRIBUTES, Scene, load_split
 from mmalign.models.encoders import clip_encoder, save_encoder
 from mmalign.train.trainer import Objective, Trainer, batch_generator
@@ -252,7 +252,12 @@ def train_lit(
     if criterion is None:
         raise ValueError(f"loss must be clip or siglip, got {loss!r}")
 
-    pairs = read_pairs(files, folder, image)
+    if shapes_dir is not None:  # one canonical caption per scene: prefixes would hide repeats from the batch sampler
+        pixels, scenes = load_split(shapes_dir, "train", image)
+        captions = [Scene(**s).caption(random.Random(0)) for s in scenes]
+        pairs = Pairs(pixels, captions, [str(i) for i in range(len(scenes))], [])
+    else:
+        pairs = read_pairs(files, folder, image)
     if pairs.skipped:
         console.print(f"[yellow]skipped {len(pairs.skipped)} unreadable records[/], e.g. {pairs.skipped[0]}")
     held = None

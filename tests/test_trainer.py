@@ -1,0 +1,99 @@
+"""The one Trainer with objectives other than the LM recipe: named losses are logged each with its own count, a
+sampled objective (data2vec, with its EMA teacher) resumes exactly where it stopped, settings are checked."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from mmalign.config import ConfigError, TrainConfig
+from mmalign.contrastive.data2vec import Data2Vec, Data2VecObjective
+from mmalign.contrastive.train import lit_settings
+from mmalign.models.encoders import clip_encoder
+from mmalign.train.pretrain import SampledObjective
+from mmalign.train.trainer import OBJECTIVE_WEIGHTS, Trainer
+
+TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=16,
+            patch_size=8)  # fmt: skip
+
+
+class TwoLosses(SampledObjective):
+    """Regression whose two named losses have different counts: rows for `fit`, elements for `small`."""
+
+    name = "two"
+
+    def __init__(self):
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(64, 3, generator=g)
+        super().__init__({"x": x, "y": x @ torch.tensor([1.0, -2.0, 0.5])})
+        self.w = nn.Linear(3, 1)
+
+    def counts(self, batch):
+        return {"fit": len(batch["index"]), "small": len(batch["index"]) * 3}
+
+    def losses(self, batch):
+        return {"fit": ((self.w(batch["x"]).squeeze(-1) - batch["y"]) ** 2).sum(), "small": (batch["x"] * 0).sum()}
+
+
+def settings(tmp_path, **kw) -> TrainConfig:
+    return TrainConfig(**{"out_dir": str(tmp_path), "max_steps": 40, "batch_size": 16, "lr": 0.05, "progress": False,
+                          "log_every": 1, "warmup_ratio": 0.0, **kw})  # fmt: skip
+
+
+def test_named_losses_are_logged_and_fall(tmp_path):
+    torch.manual_seed(0)
+    summary = Trainer(TwoLosses(), settings(tmp_path, lr=0.1)).fit()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert {"fit", "small", "loss", "lr"} <= set(rows[0])
+    assert rows[-1]["loss"] == pytest.approx(rows[-1]["fit"] + rows[-1]["small"])
+    assert summary["losses"]["fit"] < 0.1 * summary["first_losses"]["fit"]
+    assert (tmp_path / OBJECTIVE_WEIGHTS).is_file() and (tmp_path / "summary.json").is_file()
+
+
+def test_sampling_objective_without_max_steps_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="set train.max_steps"):
+        Trainer(TwoLosses(), settings(tmp_path, max_steps=0))
+
+
+def _data2vec(tmp_path, name):
+    torch.manual_seed(0)
+    model = Data2Vec(clip_encoder(config=dict(TINY)), mask_ratio=0.5, ema_start=0.9, ema_end=0.99)
+    pixels = torch.randn(32, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    return Data2VecObjective(model, pixels), settings(tmp_path / name, max_steps=6, batch_size=8, lr=1e-3)
+
+
+def test_data2vec_resumes_exactly_after_an_interrupt(tmp_path, monkeypatch):
+    objective, cfg = _data2vec(tmp_path, "straight")
+    Trainer(objective, cfg).fit()
+
+    objective, cfg = _data2vec(tmp_path, "stopped")
+    original = Trainer._log
+
+    def crash_at_3(self, row):
+        original(self, row)
+        if row.get("step") == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "_log", crash_at_3)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(objective, cfg).fit()
+    monkeypatch.setattr(Trainer, "_log", original)
+    objective, cfg = _data2vec(tmp_path, "stopped")  # a fresh process: everything comes from the run folder
+    Trainer(objective, cfg, resume=True).fit()
+
+    a = load_file(tmp_path / "straight" / OBJECTIVE_WEIGHTS)
+    b = load_file(tmp_path / "stopped" / OBJECTIVE_WEIGHTS)
+    assert a.keys() == b.keys() and any(k.startswith("model.teacher.") for k in a)  # the EMA teacher is saved too
+    for k in a:
+        torch.testing.assert_close(a[k], b[k])
+
+
+def test_contrastive_settings_take_checked_overrides(tmp_path):
+    cfg = lit_settings(tmp_path, 10, 8, 1e-3, 0, False, ["train.grad_accum=2", "train.precision=bf16"])
+    assert cfg.grad_accum == 2 and cfg.precision == "bf16" and cfg.max_steps == 10
+    with pytest.raises(ConfigError, match="train.precision"):
+        lit_settings(tmp_path, 10, 8, 1e-3, 0, False, ["train.precision=fp8"])
