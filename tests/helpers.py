@@ -42,3 +42,30 @@ def image_processor(tokenizer, *, tokens_per_image: int, image_size: int, templa
         encoder=encoder,
     )
     return Processor(tokenizer, media=[spec], template=template, max_length=max_length)
+
+
+def stopped_at(step: int):
+    """A context in which a Trainer run is interrupted (as by Ctrl-C) right after logging `step`."""
+    import contextlib
+
+    import pytest
+
+    from mmalign.train.trainer import Trainer
+
+    @contextlib.contextmanager
+    def context():
+        original = Trainer._log
+
+        def crash(self, row):
+            original(self, row)
+            if row.get("step") == step:
+                raise KeyboardInterrupt
+
+        Trainer._log = crash
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                yield
+        finally:
+            Trainer._log = original
+
+    return context()

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import TINY_LLAMA, TINY_VISION
+from helpers import TINY_LLAMA, TINY_VISION, stopped_at
 from mmalign.config import (
     ConnectorConfig,
     DataConfig,
@@ -28,7 +28,6 @@ from mmalign.models.llm import load_llm, load_tokenizer
 from mmalign.models.multimodal import MultimodalLM
 from mmalign.train.checkpoint import load_checkpoint
 from mmalign.train.loop import recipe_trainer, train
-from mmalign.train.trainer import Trainer
 
 
 @pytest.fixture(scope="module")
@@ -99,22 +98,13 @@ def test_stage1_checkpoint_is_only_the_connector(base, shapes, tmp_path):
     assert keys and all(k.startswith("connectors.") for k in keys)
 
 
-def test_resume_after_interrupt_equals_an_uninterrupted_run(base, shapes, tmp_path, monkeypatch):
+def test_resume_after_interrupt_equals_an_uninterrupted_run(base, shapes, tmp_path):
     straight = recipe(base, shapes, tmp_path / "a", max_steps=6)
     train(straight)
 
     interrupted = recipe(base, shapes, tmp_path / "b", max_steps=6)
-    original_log = Trainer._log
-
-    def crash_at_3(self, row):
-        original_log(self, row)
-        if row.get("step") == 3:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(Trainer, "_log", crash_at_3)
-    with pytest.raises(KeyboardInterrupt):
+    with stopped_at(3):
         train(interrupted)
-    monkeypatch.setattr(Trainer, "_log", original_log)
     assert torch.load(tmp_path / "b/run/trainer_state.pt", weights_only=False)["state"]["step"] == 3
     train(interrupted, resume=True)
 

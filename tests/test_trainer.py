@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from helpers import stopped_at
 from mmalign.config import ConfigError, TrainConfig
 from mmalign.contrastive.data2vec import Data2Vec, Data2VecObjective
 from mmalign.contrastive.train import lit_settings
@@ -66,22 +67,13 @@ def _data2vec(tmp_path, name):
     return Data2VecObjective(model, pixels), settings(tmp_path / name, max_steps=6, batch_size=8, lr=1e-3)
 
 
-def test_data2vec_resumes_exactly_after_an_interrupt(tmp_path, monkeypatch):
+def test_data2vec_resumes_exactly_after_an_interrupt(tmp_path):
     objective, cfg = _data2vec(tmp_path, "straight")
     Trainer(objective, cfg).fit()
 
     objective, cfg = _data2vec(tmp_path, "stopped")
-    original = Trainer._log
-
-    def crash_at_3(self, row):
-        original(self, row)
-        if row.get("step") == 3:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(Trainer, "_log", crash_at_3)
-    with pytest.raises(KeyboardInterrupt):
+    with stopped_at(3):
         Trainer(objective, cfg).fit()
-    monkeypatch.setattr(Trainer, "_log", original)
     objective, cfg = _data2vec(tmp_path, "stopped")  # a fresh process: everything comes from the run folder
     Trainer(objective, cfg, resume=True).fit()
 
