@@ -3,6 +3,7 @@ sampled objective (data2vec, with its EMA teacher) resumes exactly where it stop
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -16,7 +17,7 @@ from mmalign.contrastive.data2vec import Data2Vec, Data2VecObjective
 from mmalign.contrastive.train import lit_settings
 from mmalign.models.encoders import clip_encoder
 from mmalign.train.pretrain import SampledObjective
-from mmalign.train.trainer import OBJECTIVE_WEIGHTS, Trainer
+from mmalign.train.trainer import OBJECTIVE_WEIGHTS, Trainer, batch_generator
 
 TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=16,
             patch_size=8)  # fmt: skip
@@ -47,7 +48,14 @@ def settings(tmp_path, **kw) -> TrainConfig:
 
 def test_named_losses_are_logged_and_fall(tmp_path):
     torch.manual_seed(0)
-    summary = Trainer(TwoLosses(), settings(tmp_path, lr=0.1)).fit()
+    objective = TwoLosses()
+    start = copy.deepcopy(objective.w)
+    summary = Trainer(objective, settings(tmp_path, lr=0.1)).fit()
+    # The first logged value is the mean over its count of batch 0 under the initial weights.
+    idx = torch.randint(64, (16,), generator=batch_generator(0, 0))
+    x, y = objective.rows["x"][idx], objective.rows["y"][idx]
+    with torch.no_grad():
+        assert summary["first_losses"]["fit"] == pytest.approx(((start(x).squeeze(-1) - y) ** 2).mean().item())
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert {"fit", "small", "loss", "lr"} <= set(rows[0])
     assert rows[-1]["loss"] == pytest.approx(rows[-1]["fit"] + rows[-1]["small"])
