@@ -16,8 +16,7 @@ from mmalign.config import ConfigError, TrainConfig
 from mmalign.contrastive.data2vec import Data2Vec, Data2VecObjective
 from mmalign.contrastive.train import lit_settings
 from mmalign.models.encoders import clip_encoder
-from mmalign.train.pretrain import SampledObjective
-from mmalign.train.trainer import OBJECTIVE_WEIGHTS, Trainer, batch_generator
+from mmalign.train.trainer import OBJECTIVE_WEIGHTS, SampledObjective, Trainer, batch_generator
 
 TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=16,
             patch_size=8)  # fmt: skip

@@ -160,9 +160,10 @@ def run_quickstart(
     start = time.time()
     name, lit_data = embedded, None
     if data is None:
-        files = embedded_data(embedded, Path(embedded_dir or f"data/{embedded}"), n_train, seed, console)
+        folder = Path(embedded_dir or f"data/{embedded}")
+        files = embedded_data(embedded, folder, n_train, seed, console)
         data, eval_data, val_data, image_folder = files["data"], files["eval"], files["val"], files["image_folder"]
-        lit_data = Path(embedded_dir or f"data/{embedded}") if embedded == "shapes" else None
+        lit_data = folder if embedded == "shapes" else None
     else:
         name = Path(data[0]).resolve().parent.name
         if image_folder is None:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from rich.console import Console
 from torch import nn
 
-from mmalign.train.trainer import Objective, Trainer, batch_generator
+from mmalign.train.trainer import SampledObjective, Trainer, run_settings
 
 
 def _blocks(encoder: nn.Module) -> tuple[nn.Module, nn.ModuleList]:
@@ -127,25 +127,17 @@ def linear_probe(
     return probe(test_x).argmax(-1).eq(test_y).float().mean().item()
 
 
-class Data2VecObjective(Objective):
+class Data2VecObjective(SampledObjective):
     """Self-distillation on unlabelled inputs sampled with replacement; the EMA teacher moves after every step."""
 
     name = "data2vec"
 
     def __init__(self, model: Data2Vec, pixels: torch.Tensor):
-        super().__init__()
-        self.model, self.pixels = model, pixels
+        super().__init__({"pixels": pixels})
+        self.model = model
 
-    def batches(self, state: dict, cfg, log):
-        while True:
-            generator = batch_generator(cfg.seed, state["cursor"])
-            state["cursor"] += 1
-            idx = torch.randint(len(self.pixels), (cfg.batch_size,), generator=generator)
-            yield {
-                "index": idx,
-                "pixels": self.pixels[idx],
-                "mask_seed": torch.randint(2**62, (1,), generator=generator),
-            }
+    def draw(self, generator: torch.Generator) -> dict:
+        return {"mask_seed": torch.randint(2**62, (1,), generator=generator)}  # which patches this batch masks
 
     def losses(self, batch: dict) -> dict[str, torch.Tensor]:
         generator = torch.Generator().manual_seed(int(batch["mask_seed"]))
@@ -170,16 +162,11 @@ def train_data2vec(
     **kwargs,
 ) -> list[float]:
     """Self-distil `encoder` in place on `pixels` (N, 3, H, W) with the Trainer; returns the loss curve."""
-    from mmalign.config import RecipeConfig, TrainConfig, apply_overrides
-
     torch.manual_seed(seed)
     objective = Data2VecObjective(Data2Vec(encoder, **kwargs), pixels)
     out = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="data2vec-"))
-    settings = TrainConfig(
-        out_dir=str(out), lr=lr, max_steps=steps, batch_size=batch_size, warmup_ratio=0.1, weight_decay=0.05,
-        clip_grad=0.0, seed=seed, progress=progress, log_every=0,
-    )  # fmt: skip
-    settings = apply_overrides(RecipeConfig(train=settings), list(overrides)).train
+    settings = run_settings(out, overrides, lr=lr, max_steps=steps, batch_size=batch_size, warmup_ratio=0.1,
+                            weight_decay=0.05, clip_grad=0.0, seed=seed, progress=progress, log_every=0)  # fmt: skip
     trainer = Trainer(objective, settings, console=console or Console(quiet=not progress))
     trainer.fit()
     objective.cpu()

@@ -18,7 +18,7 @@ from rich.console import Console
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from mmalign.config import RecipeConfig, TrainConfig, apply_overrides
+from mmalign.config import TrainConfig
 from mmalign.contrastive.augment import Augment
 from mmalign.contrastive.distributed import average_gradients, init_distributed, rank_and_world
 from mmalign.contrastive.evaluate import max_over_prompts_accuracy, retrieval_recall
@@ -29,7 +29,7 @@ from mmalign.contrastive.wise import interpolate_weights
 from mmalign.data.pairs import Pairs, read_pairs, split_off
 from mmalign.data.shapes import ATTRIBUTES, Scene, load_split
 from mmalign.models.encoders import clip_encoder, save_encoder
-from mmalign.train.trainer import Objective, Trainer, batch_generator
+from mmalign.train.trainer import Objective, Trainer, batch_generator, run_settings
 
 ZERO_SHOT_ATTRIBUTES = ("color", "shape")
 
@@ -191,11 +191,8 @@ class ContrastiveObjective(Objective):
 
 def lit_settings(out: Path, steps: int, batch_size: int, lr: float, seed: int, progress: bool, overrides=()):
     """The Trainer settings of a contrastive run; `overrides` (`train.key=value`) change any of them."""
-    cfg = TrainConfig(
-        out_dir=str(out), lr=lr, max_steps=steps, batch_size=batch_size, warmup_ratio=0.05, weight_decay=0.05,
-        clip_grad=0.0, seed=seed, progress=progress, log_every=10, trainable=["all"],
-    )  # fmt: skip
-    return apply_overrides(RecipeConfig(train=cfg), list(overrides)).train
+    return run_settings(out, overrides, lr=lr, max_steps=steps, batch_size=batch_size, warmup_ratio=0.05,
+                        weight_decay=0.05, clip_grad=0.0, seed=seed, progress=progress, log_every=10)  # fmt: skip
 
 
 def train_lit(
@@ -265,15 +262,14 @@ def train_lit(
         held = read_pairs(eval_data, folder, image)
     elif shapes_dir is None:
         pairs, held = split_off(pairs, max(1, min(256, len(pairs.ids) // 20)), seed)
+    held_features = None if held is None else text.encode(held.texts)  # the locked tower runs once
 
     def evaluate() -> tuple[dict, dict]:
         model.eval()
         if shapes_dir is not None:
             return evaluate_lit(model, text, shapes_dir)
         with torch.no_grad():
-            return {}, retrieval_recall(
-                model.embed_media(held.media), model.embed_text_features(text.encode(held.texts))
-            )
+            return {}, retrieval_recall(model.embed_media(held.media), model.embed_text_features(held_features))
 
     before = None
     if init_from:
@@ -291,7 +287,7 @@ def train_lit(
         pairs.texts,
         augment=Augment(seed=seed, crop_scale=(0.85, 1.0), flip=False, jitter=0.05, noise=0.02) if augment else None,
         micro_batch=micro_batch,
-        held_out=None if held is None else (held.media, text.encode(held.texts)),
+        held_out=None if held is None else (held.media, held_features),
     )
     summary = Trainer(objective, settings, console=console, resume=resume).fit()
     objective.cpu()

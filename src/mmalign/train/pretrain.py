@@ -22,7 +22,7 @@ from mmalign.data.shapes import ATTRIBUTES, load_split
 from mmalign.modalities.base import MODALITIES, get_modality
 from mmalign.models.encoders import VisionEncoder, clip_encoder, save_encoder
 from mmalign.models.llm import load_llm, load_tokenizer
-from mmalign.train.trainer import Objective, Trainer, batch_generator
+from mmalign.train.trainer import SampledObjective, Trainer, run_settings
 
 TINY_LLAMA = dict(
     model_type="llama",
@@ -37,25 +37,8 @@ TINY_LLAMA = dict(
 
 
 def stage0_settings(out: Path, steps: int, batch_size: int, lr: float, seed: int, progress: bool) -> TrainConfig:
-    return TrainConfig(
-        out_dir=str(out), lr=lr, max_steps=steps, batch_size=batch_size, warmup_ratio=0.05, weight_decay=0.01,
-        clip_grad=1.0, seed=seed, progress=progress, log_every=10,
-    )  # fmt: skip
-
-
-class SampledObjective(Objective):
-    """Rows of fixed tensors sampled with replacement, batch number `cursor` from its own generator."""
-
-    def __init__(self, rows: dict[str, torch.Tensor]):
-        super().__init__()
-        self.rows = rows
-
-    def batches(self, state: dict, cfg, log):
-        n = len(next(iter(self.rows.values())))
-        while True:
-            idx = torch.randint(n, (cfg.batch_size,), generator=batch_generator(cfg.seed, state["cursor"]))
-            state["cursor"] += 1
-            yield {"index": idx} | {k: v[idx] for k, v in self.rows.items()}
+    return run_settings(out, lr=lr, max_steps=steps, batch_size=batch_size, warmup_ratio=0.05, weight_decay=0.01,
+                        clip_grad=1.0, seed=seed, progress=progress, log_every=10)  # fmt: skip
 
 
 class AttributeHeads(SampledObjective):

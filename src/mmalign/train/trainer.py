@@ -21,7 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from mmalign.config import TrainConfig
+from mmalign.config import RecipeConfig, TrainConfig, apply_overrides
 from mmalign.contrastive.distributed import rank_and_world
 from mmalign.train.optim import decay_groups, warmup_cosine
 
@@ -49,6 +49,13 @@ def to_device(batch, device: torch.device):
     if isinstance(batch, dict):
         return {k: to_device(v, device) for k, v in batch.items()}
     return batch
+
+
+def run_settings(out: str | Path, overrides=(), **fields) -> TrainConfig:
+    """Trainer settings for an objective's run: its defaults (`fields`), then `train.key=value` overrides, checked
+    like a recipe's."""
+    cfg = TrainConfig(out_dir=str(out), **fields)
+    return apply_overrides(RecipeConfig(train=cfg), list(overrides)).train
 
 
 def batch_generator(seed: int, cursor: int) -> torch.Generator:
@@ -121,6 +128,26 @@ class Objective(nn.Module):
         return None if step is None else int(step)
 
 
+class SampledObjective(Objective):
+    """Rows of fixed tensors sampled with replacement, batch number `cursor` from its own generator; `draw` adds
+    any further randomness a batch needs from the same generator."""
+
+    def __init__(self, rows: dict[str, torch.Tensor]):
+        super().__init__()
+        self.rows = rows
+
+    def draw(self, generator: torch.Generator) -> dict:
+        return {}
+
+    def batches(self, state: dict, cfg: TrainConfig, log):
+        n = len(next(iter(self.rows.values())))
+        while True:
+            generator = batch_generator(cfg.seed, state["cursor"])
+            state["cursor"] += 1
+            idx = torch.randint(n, (cfg.batch_size,), generator=generator)
+            yield {"index": idx} | {k: v[idx] for k, v in self.rows.items()} | self.draw(generator)
+
+
 class Trainer:
     """Optimise an objective for `cfg.max_steps` steps (or `cfg.epochs` passes); `fit()` returns a summary."""
 
@@ -138,7 +165,8 @@ class Trainer:
         groups = objective.optimizer_groups(cfg)
         if not any(g["params"] for g in groups):
             raise ValueError(f"{objective.name}: no trainable parameters (train.trainable={cfg.trainable})")
-        fused = torch.cuda.is_available() and all(p.is_cuda for g in groups for p in g["params"])
+        self.params = [p for g in groups for p in g["params"]]
+        fused = torch.cuda.is_available() and all(p.is_cuda for p in self.params)
         self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), fused=fused or None)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, warmup_cosine(self.total_steps, cfg.warmup_ratio)
@@ -216,8 +244,7 @@ class Trainer:
                 sums[name] = sums.get(name, 0.0) + value
         self.objective.before_optimizer_step()
         if self.cfg.clip_grad > 0:
-            params = [p for g in self.optimizer.param_groups for p in g["params"]]
-            torch.nn.utils.clip_grad_norm_(params, self.cfg.clip_grad)
+            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.clip_grad)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
