@@ -60,7 +60,7 @@ def test_every_shipped_recipe_loads():
     assert "shapes_stage1.yaml" in names and "shapes_stage2.yaml" in names
     for name in names:
         cfg = load_yaml(resources.files("mmalign") / "recipes" / name)
-        assert set(cfg.train.trainable) <= {"encoder", "connector", "llm"}
+        assert set(cfg.train.trainable) <= {"encoder", "connector", "llm", "llm.xattn", "llm.new_tokens"}
 
 
 def test_every_key_is_documented():
@@ -138,7 +138,7 @@ def test_unregistered_names_fail_before_building(shapes):
     from mmalign.models.builder import build_model
 
     for override, error in [
-        ("model.family=flamingo", "model.family='flamingo': registered families are projector"),
+        ("model.family=kosmos", "model.family='kosmos': registered families are flamingo, projector"),
         ("model.media.smell.encoder.name=clip", "model.media.smell: unknown modality 'smell'"),
         ("model.media.image.encoder.name=dino", "model.media.image.encoder.name='dino'"),
         ("model.media.image.connector.name=qformer", "model.media.image.connector.name='qformer'"),

@@ -121,3 +121,43 @@ def test_prompt_ids_end_with_the_assistant_header(tok):
     ids = make_processor(tok).prompt_ids(conv)
     assert tok.convert_ids_to_tokens(ids[-1]) == "<assistant>"
     assert "circles" not in tok.convert_ids_to_tokens(ids)  # the answer being asked for is not in the prompt
+
+
+DOCUMENT = {
+    "id": "doc-1",
+    "text_list": ["a page about shapes .", "a red circle .", "more text .", "two blue squares .", "the end ."],
+    "image_info": [
+        {"image_name": "b.png", "matched_text_index": 3},
+        {"image_name": "a.png", "matched_text_index": 1},
+    ],
+}
+
+
+def test_interleaved_document_chunks_and_labels(tok):
+    tok = AutoTokenizer.from_pretrained(tok.name_or_path)
+    tok.add_special_tokens({"additional_special_tokens": ["<|endofchunk|>"]}, replace_extra_special_tokens=False)
+    conv = parse_record(DOCUMENT, 0)
+    assert conv.media == {"image": ["a.png", "b.png"]}  # in the order they appear in the text
+    text = conv.messages[0]["content"]
+    assert text == (
+        "a page about shapes . <image>a red circle . more text . <|endofchunk|><image>two blue squares . the end ."
+        "<|endofchunk|>"
+    )
+    proc = image_processor(tok, tokens_per_image=1, image_size=16, template="plain")  # documents ignore the template
+    ids, labels = proc.tokenize(conv)
+    words = supervised_words(tok, ids, labels)
+    assert words[0] == "a" and "page" not in words  # text before the first image is context only
+    assert "<image>" not in words and words.count("<|endofchunk|>") == 2 and words[-1] == "<eos>"
+
+
+@pytest.mark.parametrize(
+    "change, problem",
+    [
+        ({"image_info": []}, "at least one image"),
+        ({"image_info": [{"image_name": "a.png", "matched_text_index": 9}]}, "within the 5 texts"),
+        ({"text_list": ["x", "  "], "image_info": [{"image_name": "a.png", "matched_text_index": 1}]}, "no text after"),
+    ],
+)
+def test_bad_documents_are_named(change, problem):
+    with pytest.raises(SampleError, match=f"sample doc-1: .*{problem}"):
+        parse_record({**DOCUMENT, **change}, 0)

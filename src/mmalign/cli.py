@@ -260,8 +260,19 @@ def eval_cmd(
     max_new_tokens: int = typer.Option(16, help="Longest answer."),
     limit: int = typer.Option(None, help="Only the first N questions."),
     output: Path = typer.Option(None, help="Write scores and every prediction to this JSON file."),
+    shots: str = typer.Option(
+        None,
+        help="Few-shot in-context evaluation at these shot counts (e.g. 0,2,4,8): demonstrations from --support "
+        "before each question of --data (an interleaved model, such as the Flamingo family).",
+    ),
+    support: Path = typer.Option(None, help="With --shots: the LLaVA-format QA file demonstrations come from."),
+    select: str = typer.Option("random", help="With --shots: random | rices (most similar support images)."),
+    zero_shot: str = typer.Option(
+        "text-demos", help="With --shots 0: text-demos (the Flamingo paper: two demos, images dropped) | none."
+    ),
 ) -> None:
-    """VQA accuracy (standard answer normalisation) with a per-question-type table."""
+    """VQA accuracy (standard answer normalisation) with a per-question-type table; with --shots, accuracy per
+    number of in-context demonstrations."""
     _quiet_transformers()
     from rich.table import Table
 
@@ -273,6 +284,9 @@ def eval_cmd(
         raise typer.BadParameter("no --data given and the checkpoint names no data.val")
     folder = image_folder or Path(recipe.data.image_folder)
     processor = _processor(tokenizer, model, recipe)
+    if shots is not None:
+        _fewshot_report(model, processor, data, folder, shots, support, select, zero_shot, limit, output)
+        return
     res = evaluate_vqa(
         model, processor, data, folder, batch_size=batch_size, max_new_tokens=max_new_tokens, blind=blind, limit=limit
     )
@@ -286,6 +300,36 @@ def eval_cmd(
     console.print(table)
     if res["skipped"]:
         console.print(f"[yellow]{len(res['skipped'])} samples skipped[/], e.g. {res['skipped'][0]}")
+    if output:
+        output.write_text(json.dumps(res, indent=1))
+
+
+def _fewshot_report(model, processor, data, folder, shots, support, select, zero_shot, limit, output) -> None:
+    from rich.table import Table
+
+    from mmalign.fewshot import SELECTIONS, ZERO_SHOT, evaluate_fewshot
+
+    try:
+        counts = [int(k) for k in shots.split(",")]
+    except ValueError:
+        raise typer.BadParameter(f"--shots {shots!r}: give shot counts separated by commas, e.g. 0,2,4,8") from None
+    if support is None:
+        raise typer.BadParameter("--shots needs --support, the file demonstrations are drawn from")
+    if select not in SELECTIONS or zero_shot not in ZERO_SHOT:
+        raise typer.BadParameter(
+            f"--select is one of {', '.join(SELECTIONS)}; --zero-shot one of {', '.join(ZERO_SHOT)}"
+        )
+    res = evaluate_fewshot(
+        model, processor, data, support, folder, shots=counts, select=select, zero_shot=zero_shot, limit=limit
+    )
+    protocol = "two text-only demonstrations" if zero_shot == "text-demos" else "the bare query"
+    table = Table(title=f"few-shot accuracy on {data} (demos: {select}; 0-shot: {protocol})")
+    types = sorted({t for r in res["shots"].values() for t in r["by_type"]}, key=str)
+    for col in ("shots", "n", "accuracy", *map(str, types)):
+        table.add_column(col, justify="right")
+    for k, r in res["shots"].items():
+        table.add_row(str(k), str(r["n"]), f"{r['accuracy']:.1%}", *(f"{r['by_type'].get(t, 0):.1%}" for t in types))
+    console.print(table)
     if output:
         output.write_text(json.dumps(res, indent=1))
 

@@ -73,14 +73,45 @@ class LoraConfig:
 
 
 @dataclass
+class FlamingoConfig:
+    """The Flamingo family's Perceiver Resampler and gated cross-attention (model.family=flamingo)."""
+
+    num_latents: int = _f(64, "learned latents per media item: the resampler's output length", ge=1)
+    resampler_depth: int = _f(6, "Perceiver Resampler layers", ge=1)
+    resampler_heads: int = _f(8, "resampler attention heads", ge=1)
+    resampler_dim_head: int = _f(64, "width of each resampler head", ge=1)
+    max_frames: int = _f(1, "frames per media item with a learned time embedding each (1: images, no time)", ge=1)
+    cross_attn_every_n_layers: int = _f(1, "one gated cross-attention block per this many decoder layers", ge=1)
+    xattn_placement: Literal["first", "last"] = _f(
+        "first",
+        "first: blocks before layers 0, n, 2n, ... (paper, IDEFICS) | last: before n-1, 2n-1, ... (OpenFlamingo)",
+    )
+    media_attention: Literal["immediate", "all"] = _f(
+        "immediate", "text attends to the latents of the last media item before it (immediate) or of all before it"
+    )
+    xattn_heads: int = _f(8, "cross-attention heads", ge=1)
+    xattn_dim_head: int = _f(64, "width of each cross-attention head", ge=1)
+    ff_mult: int = _f(4, "feed-forward width multiple in the resampler and the cross-attention blocks", ge=1)
+    activation: Literal["gelu", "relu"] = _f("gelu", "feed-forward activation (OpenFlamingo gelu, IDEFICS relu)")
+    qk_norm: bool = _f(False, "layer-norm the resampler's queries and keys (an IDEFICS option)")
+
+
+@dataclass
 class ModelConfig:
-    family: str = _f("projector", "alignment family from the registry: projector (LLaVA-style early fusion)")
+    family: str = _f(
+        "projector",
+        "alignment family: projector (LLaVA-style early fusion) | flamingo (Perceiver Resampler + gated "
+        "cross-attention)",
+    )
     media: dict[str, MediaConfig] = _f(
         {"image": MediaConfig()}, "per modality (image, audio, ...): its encoder(s) and connector"
     )
     llm: LLMConfig = field(default_factory=LLMConfig)
     lora: LoraConfig | None = _f(
         None, "LoRA adapters the LLM carries; written by training when train.finetune=lora, not set by hand"
+    )
+    flamingo: FlamingoConfig = field(
+        default_factory=FlamingoConfig, metadata={"help": "resampler and cross-attention settings (family=flamingo)"}
     )
 
 

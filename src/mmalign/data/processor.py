@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from mmalign.constants import IGNORE_INDEX
+from mmalign.constants import END_OF_CHUNK, IGNORE_INDEX
 from mmalign.modalities import MODALITIES, MediaError, get_modality
 
 _GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
@@ -60,7 +60,48 @@ def _media_keys() -> dict[str, str]:
     return {MODALITIES.get(name).record_key: name for name in MODALITIES.names()}
 
 
+def parse_document(record: dict, index: int) -> Conversation:
+    """Validate one interleaved document in MMC4's shape: `text_list` (sentences) and `image_info` (a list of
+    {image_name, matched_text_index}). Each image opens a chunk before its sentence; chunks end with
+    `<|endofchunk|>`. The result is one `document` message whose text carries the placeholders."""
+    sample_id = record.get("id", f"#{index}")
+    texts, images = record.get("text_list"), record.get("image_info") or []
+    if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+        raise SampleError(sample_id, "text_list must be a list of strings")
+    if not isinstance(images, list) or not images:
+        raise SampleError(sample_id, "an interleaved document needs at least one image in image_info")
+    at: dict[int, list[str]] = {}
+    for j, info in enumerate(images):
+        where = info.get("matched_text_index") if isinstance(info, dict) else None
+        name = info.get("image_name") if isinstance(info, dict) else None
+        if not isinstance(name, str) or not isinstance(where, int) or not 0 <= where < len(texts):
+            raise SampleError(
+                sample_id, f"image_info[{j}] needs image_name and a matched_text_index within the {len(texts)} texts"
+            )
+        if not texts[where].strip():
+            raise SampleError(sample_id, f"image {name} has no text after it (text {where} is empty)")
+        at.setdefault(where, []).append(name)
+    placeholder = get_modality("image").placeholder
+    parts: list[str] = []
+    for i, text in enumerate(texts):
+        if i in at:
+            if parts and any(placeholder in p for p in parts):
+                parts.append(END_OF_CHUNK)
+            parts.append(placeholder * len(at[i]))
+        parts.append(text.strip() + " ")
+    document = "".join(parts).rstrip() + END_OF_CHUNK
+    names = [name for i in sorted(at) for name in at[i]]
+    return Conversation(id=sample_id, media={"image": names}, messages=[{"role": "document", "content": document}])
+
+
 def parse_record(record: dict, index: int) -> Conversation:
+    """An interleaved document (a record with `text_list`) or a LLaVA conversation; see the parsers."""
+    if isinstance(record, dict) and "text_list" in record:
+        return parse_document(record, index)
+    return parse_conversation(record, index)
+
+
+def parse_conversation(record: dict, index: int) -> Conversation:
     """Validate one LLaVA record: `id`, `conversations` of {from, value}, and optional media keyed by modality:
     `image` (a path or a list of paths, as LLaVA), `audio`, ... (each registered modality's record key)."""
     if not isinstance(record, dict):
@@ -171,14 +212,34 @@ class Processor:
         marks = [self.specs[m].token_id for m, items in conv.media.items() if m in self.specs for _ in items]
         return ([bos] if bos is not None else []) + marks
 
+    def _document(self, conv: Conversation) -> tuple[list[int], list[int]]:
+        # Interleaved text: every token after the first media item is trained except the placeholders; text before
+        # it has nothing to be grounded in (Flamingo's cross-attention gives it no media).
+        tok = self.tokenizer
+        bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
+        ids = bos + tok(conv.messages[0]["content"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        first = next((i for i, t in enumerate(ids) if t in self.by_token), len(ids))
+        labels = [IGNORE_INDEX if i <= first or t in self.by_token else t for i, t in enumerate(ids)]
+        return ids, labels
+
     def tokenize(self, conv: Conversation) -> tuple[list[int], list[int]]:
         """Token ids with each placeholder (`<image>`, ...) expanded to its modality's `tokens_per_item` ids, and
-        labels (-100 = not trained)."""
-        ids, labels = self._plain(conv) if self.template == "plain" else self._chat_spans(conv)
+        labels (-100 = not trained). Documents are tokenized as running text whatever the template."""
+        if conv.messages[0]["role"] == "document":
+            ids, labels = self._document(conv)
+        else:
+            ids, labels = self._plain(conv) if self.template == "plain" else self._chat_spans(conv)
         return self._expand(conv, ids, labels)
 
     def prompt_ids(self, conv: Conversation) -> list[int]:
-        """Ids for generation: every turn up to and including the last user turn, then the assistant prompt."""
+        """Ids for generation: every turn up to and including the last user turn, then the assistant prompt. A
+        document prompt (few-shot) is its text as it stands: the model continues it."""
+        if conv.messages and conv.messages[0]["role"] == "document":
+            tok = self.tokenizer
+            bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
+            return self._expand(
+                conv, bos + tok(conv.messages[0]["content"], add_special_tokens=False)["input_ids"], None
+            )[0]
         msgs = conv.messages
         while msgs and msgs[-1]["role"] == "assistant":
             msgs = msgs[:-1]

@@ -206,3 +206,52 @@ def load_split(data_dir: str | Path, split: str, encoder) -> tuple[torch.Tensor,
 
 def corpus_texts(records: list[dict]) -> list[str]:
     return [turn["value"] for rec in records for turn in rec["conversations"]]
+
+
+def write_fewshot(data_dir: str | Path, n_docs: int = 3000, n_support: int = 200, seed: int = 0) -> dict[str, str]:
+    """In-context episodes over an existing shapes folder (its scenes.json), for the Flamingo family.
+
+    The attribute an episode is about is never named: every chunk is `<image>{answer}<|endofchunk|>` with the
+    answers of one hidden attribute, so only the demonstrations say what to answer. Writes
+    interleaved_train.jsonl (MMC4-shaped documents of 2-6 train images), fewshot_support.json (train images, one
+    record per attribute) and fewshot_test.json (held-out test images, one record per attribute)."""
+    out = Path(data_dir)
+    scenes = {name: Scene(**s) for name, s in json.loads((out / "scenes.json").read_text()).items()}
+    train = sorted(n for n in scenes if n.startswith("train_"))
+    test = sorted(n for n in scenes if n.startswith("test_"))
+    rng = random.Random(seed * 7919 + 11)
+    docs = []
+    for i in range(n_docs):
+        qtype, names = rng.choice(list(QUESTIONS)), rng.sample(train, rng.randint(2, 6))
+        docs.append(
+            {
+                "id": f"episode-{i}",
+                "text_list": [scenes[n].answer(qtype) for n in names],
+                "image_info": [{"image_name": n, "matched_text_index": j} for j, n in enumerate(names)],
+            }
+        )
+
+    def records(names: list[str], split: str) -> list[dict]:
+        return [
+            {
+                "id": f"{split}-{n}-{qtype}",
+                "image": n,
+                "question_type": qtype,
+                "conversations": [
+                    {"from": "human", "value": "<image>"},
+                    {"from": "gpt", "value": scenes[n].answer(qtype)},
+                ],
+            }
+            for n in names
+            for qtype in QUESTIONS
+        ]
+
+    paths = {
+        "interleaved": out / "interleaved_train.jsonl",
+        "support": out / "fewshot_support.json",
+        "fewshot_test": out / "fewshot_test.json",
+    }
+    paths["interleaved"].write_text("".join(json.dumps(d) + "\n" for d in docs))
+    paths["support"].write_text(json.dumps(records(rng.sample(train, min(n_support, len(train))), "support"), indent=1))
+    paths["fewshot_test"].write_text(json.dumps(records(test, "fewshot"), indent=1))
+    return {k: str(v) for k, v in paths.items()}

@@ -5,12 +5,15 @@ from __future__ import annotations
 from torch import nn
 
 from mmalign.config import ConfigError, LoraConfig, MediaConfig, ModelConfig
+from mmalign.constants import END_OF_CHUNK
 from mmalign.modalities import get_modality
 from mmalign.models import connectors as _connectors  # noqa: F401  (registers connectors)
 from mmalign.models import encoders as _encoders  # noqa: F401  (registers encoders)
 from mmalign.models.encoders import FusedEncoder
+from mmalign.models.flamingo import FlamingoLM
 from mmalign.models.llm import load_llm, load_tokenizer
 from mmalign.models.multimodal import MultimodalLM
+from mmalign.models.resampler import PerceiverResampler
 from mmalign.registry import CONNECTORS, ENCODERS, FAMILIES, register_family
 
 # Logit transforms some LLMs apply after the LM head; the sparse-loss path calls the head directly.
@@ -98,8 +101,46 @@ def build_projector(cfg: ModelConfig, tokenizer) -> MultimodalLM:
     return MultimodalLM(encoders=encoders, connectors=connectors, llm=llm, media_token_ids=ids)
 
 
+@register_family("flamingo")
+def build_flamingo(cfg: ModelConfig, tokenizer) -> FlamingoLM:
+    """Flamingo-style deep fusion: per modality an encoder and a Perceiver Resampler; gated cross-attention
+    blocks in front of the LLM's decoder layers (model.flamingo)."""
+    llm = load_llm(cfg.llm, tokenizer)
+    check_llm(llm)
+    fl = cfg.flamingo
+    encoders = {m: build_encoder(media) for m, media in cfg.media.items()}
+    media_dim = next(iter(encoders.values())).hidden_size  # the first modality's width; others map into it
+    resamplers = {
+        m: PerceiverResampler(
+            in_dim=enc.hidden_size,
+            out_dim=media_dim,
+            num_latents=fl.num_latents,
+            depth=fl.resampler_depth,
+            heads=fl.resampler_heads,
+            dim_head=fl.resampler_dim_head,
+            ff_mult=fl.ff_mult,
+            max_frames=fl.max_frames,
+            activation=fl.activation,
+            qk_norm=fl.qk_norm,
+        )  # fmt: skip
+        for m, enc in encoders.items()
+    }
+    if cfg.lora is not None:
+        llm = apply_lora(llm, cfg.lora)
+    ids = {m: tokenizer.convert_tokens_to_ids(text) for m, text in placeholders(cfg).items()}
+    return FlamingoLM(
+        encoders=encoders, resamplers=resamplers, llm=llm, media_token_ids=ids,
+        end_of_chunk_id=tokenizer.convert_tokens_to_ids(END_OF_CHUNK), cfg=fl,
+    )  # fmt: skip
+
+
+def special_tokens(cfg: ModelConfig) -> list[str]:
+    """Tokens the tokenizer must have for this model: the media placeholders, and the family's own."""
+    return list(placeholders(cfg).values()) + ([END_OF_CHUNK] if cfg.family == "flamingo" else [])
+
+
 def build_model(cfg: ModelConfig, tokenizer=None) -> tuple[nn.Module, object]:
     """Returns (model, tokenizer). Weights come from the configured paths or fresh initialisation."""
     check_model_config(cfg)
-    tokenizer = tokenizer or load_tokenizer(cfg.llm, list(placeholders(cfg).values()))
+    tokenizer = tokenizer or load_tokenizer(cfg.llm, special_tokens(cfg))
     return FAMILIES.build(cfg.family, cfg=cfg, tokenizer=tokenizer), tokenizer

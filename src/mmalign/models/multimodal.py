@@ -11,7 +11,7 @@ generation, so no caller reaches into the decoder itself.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +37,7 @@ class DecodeState:
     position: torch.Tensor  # (B,) position id of each row's last token
     length: int  # mask columns (tokens) the cache holds so far
     static: bool = False  # the cache and mask are preallocated: they cannot grow past mask.shape[1]
+    extra: dict = field(default_factory=dict)  # the family's own decoder arguments (deep fusion: the media latents)
 
 
 class MultimodalLM(nn.Module):
@@ -100,12 +101,8 @@ class MultimodalLM(nn.Module):
                 feats = encoder(x)
         return connector(feats)
 
-    def embed(
-        self, input_ids: torch.Tensor, media: dict[str, torch.Tensor] | None = None, sample_ids: list | None = None
-    ) -> torch.Tensor:
-        """Token embeddings with each modality's features scattered into its placeholder positions: (B, T, D)."""
-        embeds = self.llm.get_input_embeddings()(input_ids)  # (B, T, D)
-        media = media or {}
+    def check_media(self, input_ids: torch.Tensor, media: dict[str, torch.Tensor], sample_ids: list | None) -> None:
+        """Each modality's placeholder positions must match its items x tokens per item; the error names samples."""
         unknown = set(media) - set(self.encoders)
         if unknown:
             raise MediaCountError(f"this model has no encoder for {sorted(unknown)}; it reads {self.modalities}")
@@ -123,10 +120,35 @@ class MultimodalLM(nn.Module):
                     f"{n_positions} {modality}-token positions but {n_items} {modality} items x {per_item} tokens = "
                     f"{n_items * per_item} features ({detail})"
                 )
-            if n_items:
-                feats = self.encode(modality, items).to(embeds.dtype)  # (items, tokens, D)
-                embeds = embeds.masked_scatter(is_media.unsqueeze(-1), feats.reshape(-1, feats.shape[-1]))
+
+    def embed(
+        self, input_ids: torch.Tensor, media: dict[str, torch.Tensor] | None = None, sample_ids: list | None = None
+    ) -> torch.Tensor:
+        """Token embeddings with each modality's features scattered into its placeholder positions: (B, T, D)."""
+        media = media or {}
+        self.check_media(input_ids, media, sample_ids)
+        embeds = self.llm.get_input_embeddings()(input_ids)  # (B, T, D)
+        for modality, token_id in self.media_token_ids.items():
+            if media.get(modality) is not None and len(media[modality]):
+                feats = self.encode(modality, media[modality]).to(embeds.dtype)  # (items, tokens, D)
+                is_media = (input_ids == token_id).unsqueeze(-1)  # (B, T, 1)
+                embeds = embeds.masked_scatter(is_media, feats.reshape(-1, feats.shape[-1]))
         return embeds
+
+    # ---------------------------------------------------------------- what a family changes
+    def decoder_inputs(
+        self, input_ids: torch.Tensor, media: dict | None, sample_ids: list | None = None, generating: bool = False
+    ) -> tuple[torch.Tensor, dict]:
+        """(inputs_embeds (B, T, D), extra decoder arguments). Early fusion needs no extra arguments."""
+        return self.embed(input_ids, media, sample_ids), {}
+
+    def step_inputs(self, state: DecodeState, tokens: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """Embeddings (B, 1, D) of one new token per row, and the extra decoder arguments for that step."""
+        return self.llm.get_input_embeddings()(tokens[:, None]), state.extra
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(..., D) -> (..., V)."""
+        return self.lm_head(hidden)
 
     # ---------------------------------------------------------------- training
     def forward(
@@ -142,14 +164,15 @@ class MultimodalLM(nn.Module):
         In training the LM head runs only at positions whose next token is supervised, so the (B, T, V) logits of
         media and prompt positions are never built.
         """
-        embeds = self.embed(input_ids, media, sample_ids)
-        hidden = self.decoder(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        embeds, extra = self.decoder_inputs(input_ids, media, sample_ids)
+        out = self.decoder(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False, **extra)
+        hidden = out.last_hidden_state
         if labels is None:
-            return {"logits": self.lm_head(hidden)}
+            return {"logits": self.logits(hidden)}
         targets = labels[:, 1:]  # position t predicts token t + 1
         keep = targets != IGNORE_INDEX  # (B, T - 1)
         picked = hidden[:, :-1][keep]  # (n_tokens, D)
-        logits = self.lm_head(picked).float()  # (n_tokens, V)
+        logits = self.logits(picked).float()  # (n_tokens, V)
         loss_sum = F.cross_entropy(logits, targets[keep], reduction="sum")
         return {"loss_sum": loss_sum, "n_tokens": int(keep.sum())}
 
@@ -168,7 +191,7 @@ class MultimodalLM(nn.Module):
         most `max_new_tokens` times. With 0 the cache grows as it goes (a `DynamicCache`), without limit."""
         from transformers import DynamicCache, StaticCache
 
-        embeds = self.embed(input_ids, media)  # (B, T, D)
+        embeds, extra = self.decoder_inputs(input_ids, media, generating=True)  # (B, T, D)
         positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # left padding: real tokens start at position 0
         batch, length = attention_mask.shape
         if max_new_tokens > 0:
@@ -180,10 +203,12 @@ class MultimodalLM(nn.Module):
         else:
             cache, mask = DynamicCache(config=self.llm.config), attention_mask
         out = self.decoder(
-            inputs_embeds=embeds, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True
+            inputs_embeds=embeds, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True, **extra
         )
-        logits = self.lm_head(out.last_hidden_state[:, -1])  # only the last position is needed
-        state = DecodeState(cache=cache, mask=mask, position=positions[:, -1], length=length, static=max_new_tokens > 0)
+        logits = self.logits(out.last_hidden_state[:, -1])  # only the last position is needed
+        state = DecodeState(
+            cache=cache, mask=mask, position=positions[:, -1], length=length, static=max_new_tokens > 0, extra=extra
+        )
         return logits, state
 
     def step(self, state: DecodeState, tokens: torch.Tensor) -> torch.Tensor:
@@ -199,11 +224,13 @@ class MultimodalLM(nn.Module):
             state.mask = torch.cat([state.mask, torch.ones_like(state.mask[:, :1])], dim=1)  # (B, length + 1)
         state.length += 1
         state.position = state.position + 1
+        embeds, extra = self.step_inputs(state, tokens)  # (B, 1, D)
         out = self.decoder(
-            inputs_embeds=self.llm.get_input_embeddings()(tokens[:, None]),  # (B, 1, D)
+            inputs_embeds=embeds,
             attention_mask=state.mask,
             position_ids=state.position[:, None],  # (B, 1)
             cache=state.cache,
             use_cache=True,
+            **extra,
         )
-        return self.lm_head(out.last_hidden_state[:, -1])
+        return self.logits(out.last_hidden_state[:, -1])
