@@ -61,13 +61,12 @@ def choose_demos(candidates: list[int], k: int, rng: random.Random, similarity: 
 
 
 @torch.no_grad()
-def image_features(model: nn.Module, processor: Processor, examples: list[dict], folder, batch_size=64):
-    """(N, D) unit-norm mean-pooled encoder features: what RICES ranks by."""
-    spec = processor.specs["image"]
+def image_features(model: nn.Module, images: list[torch.Tensor], batch_size=64) -> torch.Tensor:
+    """(N, D) unit-norm mean-pooled encoder features of preprocessed images: what RICES ranks by."""
     out = []
-    for start in range(0, len(examples), batch_size):
-        pixels = torch.stack([spec.tensor(e["image"], e["id"], folder) for e in examples[start : start + batch_size]])
-        feats = model.encoders["image"](pixels.to(next(model.parameters()).device)).mean(1)
+    for start in range(0, len(images), batch_size):
+        pixels = torch.stack(images[start : start + batch_size]).to(next(model.parameters()).device)
+        feats = model.encoders["image"](pixels).mean(1)
         out.append(torch.nn.functional.normalize(feats.float(), dim=-1).cpu())
     return torch.cat(out)
 
@@ -105,12 +104,20 @@ def evaluate_fewshot(
             raise ValueError(
                 f"{len(pool[q['type']])} support examples of type {q['type']!r}; {max(shots)} shots need more"
             )
+    spec = processor.specs["image"]
+    pixels: dict[str, torch.Tensor] = {}  # support images, read once however many prompts show them
+    for s in support_set:
+        if s["image"] not in pixels:
+            pixels[s["image"]] = spec.tensor(s["image"], s["id"], folder)
+    support_pixels = [pixels[s["image"]] for s in support_set]
+
+    def query_pixels(q: dict) -> torch.Tensor:
+        return spec.tensor(q["image"], q["id"], folder)
+
     similarity = None
     if select == "rices":
-        similarity = (
-            image_features(model, processor, query_set, folder)
-            @ image_features(model, processor, support_set, folder).T
-        )  # (queries, support)
+        queries_seen = image_features(model, [query_pixels(q) for q in query_set])
+        similarity = queries_seen @ image_features(model, support_pixels).T  # (queries, support)
     stop_ids = [tok.convert_tokens_to_ids(END_OF_CHUNK), tok.eos_token_id]
     model.eval()
     results = {}
@@ -130,7 +137,8 @@ def evaluate_fewshot(
                         demos = choose_demos(candidates, k, rng, sims)
                     conv = build_prompt([support_set[d] for d in demos], q, placeholder, text_only=k == 0)
                     prompts.append(processor.prompt_ids(conv))
-                    media.append(processor.media(conv, folder))
+                    shown = [] if k == 0 else [support_pixels[d] for d in demos]  # as build_prompt placed them
+                    media.append({"image": torch.stack([*shown, query_pixels(q)])})
                 outs = generate(model, prompts, collate_media(media), pad_id=tok.pad_token_id, stop_ids=stop_ids,
                                 max_new_tokens=max_new_tokens)  # fmt: skip
                 for q, out in zip(batch, outs, strict=True):

@@ -33,7 +33,7 @@ def read_pairs(paths, folder: str | Path, encoder, modality: str = "image") -> P
             try:
                 conv = parse_record(record, index)
                 items = conv.media.get(modality) or []
-                if not items or conv.messages[0]["role"] == "document":
+                if not items or conv.is_document:
                     continue  # pairs come from caption-like records; documents hold several media each
                 item = items[0]
                 raw = mod.load(folder / item if isinstance(item, str) else item)

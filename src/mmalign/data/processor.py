@@ -38,6 +38,11 @@ class Conversation:
     messages: list[dict]
     meta: dict = field(default_factory=dict)
 
+    @property
+    def is_document(self) -> bool:
+        """An interleaved document: one `document` message of running text rather than chat turns."""
+        return bool(self.messages) and self.messages[0]["role"] == "document"
+
 
 def read_records(path: str | Path) -> list[dict]:
     """A LLaVA JSON list or a JSONL file, unchanged."""
@@ -85,7 +90,7 @@ def parse_document(record: dict, index: int) -> Conversation:
     parts: list[str] = []
     for i, text in enumerate(texts):
         if i in at:
-            if parts and any(placeholder in p for p in parts):
+            if i > min(at):  # an earlier image's chunk ends here
                 parts.append(END_OF_CHUNK)
             parts.append(placeholder * len(at[i]))
         parts.append(text.strip() + " ")
@@ -212,12 +217,16 @@ class Processor:
         marks = [self.specs[m].token_id for m, items in conv.media.items() if m in self.specs for _ in items]
         return ([bos] if bos is not None else []) + marks
 
+    def _document_ids(self, conv: Conversation) -> list[int]:
+        """A document's running text as ids, after bos; no end token (a prompt continues from here)."""
+        tok = self.tokenizer
+        bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
+        return bos + tok(conv.messages[0]["content"], add_special_tokens=False)["input_ids"]
+
     def _document(self, conv: Conversation) -> tuple[list[int], list[int]]:
         # Interleaved text: every token after the first media item is trained except the placeholders; text before
         # it has nothing to be grounded in (Flamingo's cross-attention gives it no media).
-        tok = self.tokenizer
-        bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
-        ids = bos + tok(conv.messages[0]["content"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        ids = self._document_ids(conv) + [self.tokenizer.eos_token_id]
         first = next((i for i, t in enumerate(ids) if t in self.by_token), len(ids))
         labels = [IGNORE_INDEX if i <= first or t in self.by_token else t for i, t in enumerate(ids)]
         return ids, labels
@@ -225,7 +234,7 @@ class Processor:
     def tokenize(self, conv: Conversation) -> tuple[list[int], list[int]]:
         """Token ids with each placeholder (`<image>`, ...) expanded to its modality's `tokens_per_item` ids, and
         labels (-100 = not trained). Documents are tokenized as running text whatever the template."""
-        if conv.messages[0]["role"] == "document":
+        if conv.is_document:
             ids, labels = self._document(conv)
         else:
             ids, labels = self._plain(conv) if self.template == "plain" else self._chat_spans(conv)
@@ -234,12 +243,8 @@ class Processor:
     def prompt_ids(self, conv: Conversation) -> list[int]:
         """Ids for generation: every turn up to and including the last user turn, then the assistant prompt. A
         document prompt (few-shot) is its text as it stands: the model continues it."""
-        if conv.messages and conv.messages[0]["role"] == "document":
-            tok = self.tokenizer
-            bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
-            return self._expand(
-                conv, bos + tok(conv.messages[0]["content"], add_special_tokens=False)["input_ids"], None
-            )[0]
+        if conv.is_document:
+            return self._expand(conv, self._document_ids(conv), None)[0]
         msgs = conv.messages
         while msgs and msgs[-1]["role"] == "assistant":
             msgs = msgs[:-1]

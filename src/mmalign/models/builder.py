@@ -122,7 +122,7 @@ def build_flamingo(cfg: ModelConfig, tokenizer) -> FlamingoLM:
             max_frames=fl.max_frames,
             activation=fl.activation,
             qk_norm=fl.qk_norm,
-        )  # fmt: skip
+        )
         for m, enc in encoders.items()
     }
     if cfg.lora is not None:

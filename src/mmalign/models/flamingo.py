@@ -18,7 +18,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmalign.config import FlamingoConfig
-from mmalign.constants import END_OF_CHUNK  # noqa: F401  (the family's own token)
 from mmalign.models.multimodal import DecodeState, MultimodalLM
 from mmalign.models.xattn import (
     CONTEXT_KEY,
@@ -67,7 +66,6 @@ class FlamingoLM(MultimodalLM):
     ):
         super().__init__(encoders=encoders, connectors=resamplers, llm=llm, media_token_ids=media_token_ids)
         self.cfg = cfg
-        self.end_of_chunk_id = end_of_chunk_id
         widths = {r.out_dim for r in resamplers.values()}
         if len(widths) != 1:
             raise ValueError(f"every modality's resampler must give one media width, got {sorted(widths)}")
@@ -83,7 +81,7 @@ class FlamingoLM(MultimodalLM):
                     dim_head=cfg.xattn_dim_head,
                     ff_mult=cfg.ff_mult,
                     activation=cfg.activation,
-                )  # fmt: skip
+                )
                 for i in xattn_layer_indices(n_layers, cfg.cross_attn_every_n_layers, cfg.xattn_placement)
             }
         )

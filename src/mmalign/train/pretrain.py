@@ -123,7 +123,7 @@ def lm_corpus(paths: list[str | Path]) -> list[list[dict]]:
                 conv = parse_record(rec, index)
             except SampleError:
                 continue
-            if conv.messages[0]["role"] == "document":
+            if conv.is_document:
                 continue  # interleaved documents are not chats; the LM pretrains on the conversations
             convs.append([{**m, "content": strip_placeholders(m["content"])} for m in conv.messages])
     return convs
