@@ -394,20 +394,36 @@ def generate(
     console.print(answer or "[dim](empty answer: the model stopped at once)[/dim]", markup=not answer, highlight=False)
 
 
+FORMATS = {
+    "hf-llava": ("mmalign.interop.hf_llava", "export_hf_llava", "import_hf_llava"),
+    "hf-idefics": ("mmalign.interop.hf_idefics", "export_hf_idefics", "import_hf_idefics"),
+}
+FORMAT_HELP = (
+    "hf-llava: transformers' LlavaForConditionalGeneration + processor (projector family) | "
+    "hf-idefics: transformers' IdeficsForVisionText2Text + processor (flamingo family)"
+)
+
+
+def _converter(format: str, direction: int):
+    import importlib
+
+    if format not in FORMATS:
+        raise typer.BadParameter(f"unknown format {format!r}; supported: {', '.join(FORMATS)}")
+    module, *names = FORMATS[format]
+    return getattr(importlib.import_module(module), names[direction])
+
+
 @app.command()
 def export(
     checkpoint: Path = typer.Argument(..., help="Checkpoint folder."),
     out: Path = typer.Option(..., help="Folder to write."),
-    format: str = typer.Option("hf-llava", help="hf-llava: transformers' LlavaForConditionalGeneration + processor."),
+    format: str = typer.Option("hf-llava", help=FORMAT_HELP),
 ) -> None:
     """Write a checkpoint in another library's format (LoRA adapters are merged)."""
     _quiet_transformers()
-    from mmalign.interop.hf_llava import export_hf_llava
-
-    if format != "hf-llava":
-        raise typer.BadParameter(f"unknown format {format!r}; supported: hf-llava")
+    convert = _converter(format, 0)
     model, tokenizer, recipe = _load_for_inference(checkpoint)
-    export_hf_llava(model, tokenizer, recipe.model, out)
+    convert(model, tokenizer, recipe.model, out)
     console.print(f"wrote {out}")
 
 
@@ -415,15 +431,11 @@ def export(
 def import_cmd(
     source: Path = typer.Argument(..., help="Folder in the given format (e.g. a saved LlavaForConditionalGeneration)."),
     out: Path = typer.Option(..., help="mmalign checkpoint folder to write."),
-    format: str = typer.Option("hf-llava", help="hf-llava."),
+    format: str = typer.Option("hf-llava", help=FORMAT_HELP),
 ) -> None:
     """Read another library's checkpoint into an mmalign checkpoint."""
     _quiet_transformers()
-    from mmalign.interop.hf_llava import import_hf_llava
-
-    if format != "hf-llava":
-        raise typer.BadParameter(f"unknown format {format!r}; supported: hf-llava")
-    import_hf_llava(source, out)
+    _converter(format, 1)(source, out)
     console.print(f"wrote {out}")
 
 

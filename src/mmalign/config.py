@@ -92,8 +92,23 @@ class FlamingoConfig:
     xattn_heads: int = _f(8, "cross-attention heads", ge=1)
     xattn_dim_head: int = _f(64, "width of each cross-attention head", ge=1)
     ff_mult: int = _f(4, "feed-forward width multiple in the resampler and the cross-attention blocks", ge=1)
-    activation: Literal["gelu", "relu"] = _f("gelu", "feed-forward activation (OpenFlamingo gelu, IDEFICS relu)")
+    activation: Literal["gelu", "relu"] = _f(
+        "gelu", "activation of the resampler's feed-forward and of an `mlp` block feed-forward (IDEFICS: relu)"
+    )
     qk_norm: bool = _f(False, "layer-norm the resampler's queries and keys (an IDEFICS option)")
+    # The IDEFICS variant of the block (HF IdeficsGatedCrossAttentionLayer): options, not a second module.
+    xattn_norm: Literal["layernorm", "rmsnorm"] = _f(
+        "layernorm", "norm before the blocks' attention and feed-forward (paper, OpenFlamingo: layernorm; IDEFICS rms)"
+    )
+    xattn_norm_eps: float = _f(1e-5, "epsilon of those norms", gt=0.0)
+    xattn_ff: Literal["mlp", "swiglu"] = _f(
+        "mlp", "the blocks' feed-forward: mlp (Linear-act-Linear) or swiglu (SiLU-gated, as IDEFICS and Llama)"
+    )
+    xattn_ff_dim: int = _f(0, "inner width of the blocks' feed-forward; 0: ff_mult x the LM's width", ge=0)
+    xattn_qk_norm: bool = _f(False, "normalise each head's queries and keys in the blocks (IDEFICS qk_layer_norms)")
+    xattn_gate: Literal["scalar", "vector"] = _f(
+        "scalar", "tanh gates: one scalar per block (paper) or one per hidden unit (IDEFICS alpha_type=vector)"
+    )
 
 
 @dataclass

@@ -29,7 +29,7 @@ def _strategy(encoder: VisionEncoder) -> str:
     return "default" if encoder.has_cls and not encoder.keep_cls else "full"
 
 
-def _plain_llm(model: MultimodalLM) -> nn.Module:
+def merged_llm(model: MultimodalLM) -> nn.Module:
     """The LLM with any LoRA adapters merged in (on a copy; the live model is untouched)."""
     llm = model.llm
     if hasattr(llm, "merge_and_unload"):
@@ -54,7 +54,7 @@ def export_hf_llava(model: MultimodalLM, tokenizer, model_cfg: ModelConfig, out:
         )
     if not isinstance(enc, VisionEncoder):
         raise ValueError(f"hf-llava export needs a single CLIP or SigLIP tower; this model has {type(enc).__name__}")
-    llm = _plain_llm(model)
+    llm = merged_llm(model)
     config = LlavaConfig(
         vision_config=enc.tower.config.to_dict(),
         text_config=llm.config.to_dict(),

@@ -81,6 +81,12 @@ class FlamingoLM(MultimodalLM):
                     dim_head=cfg.xattn_dim_head,
                     ff_mult=cfg.ff_mult,
                     activation=cfg.activation,
+                    norm=cfg.xattn_norm,
+                    norm_eps=cfg.xattn_norm_eps,
+                    ff=cfg.xattn_ff,
+                    ff_dim=cfg.xattn_ff_dim,
+                    qk_norm=cfg.xattn_qk_norm,
+                    gate=cfg.xattn_gate,
                 )
                 for i in xattn_layer_indices(n_layers, cfg.cross_attn_every_n_layers, cfg.xattn_placement)
             }
@@ -150,8 +156,10 @@ class FlamingoLM(MultimodalLM):
         return self.embed(tokens[:, None]), {CONTEXT_KEY: step}
 
     def gates(self) -> dict[str, tuple[float, float]]:
-        """{decoder layer: (tanh attention gate, tanh feed-forward gate)}: how far each block has opened."""
-        return {
-            i: (float(torch.tanh(b.attn_gate.detach())), float(torch.tanh(b.ff_gate.detach())))
-            for i, b in self.xattn.items()
-        }
+        """{decoder layer: (tanh attention gate, tanh feed-forward gate)}: how far each block has opened
+        (the mean |tanh| over units for per-unit gates)."""
+
+        def opened(gate: torch.Tensor) -> float:
+            return float(torch.tanh(gate.detach()).abs().mean()) if gate.numel() > 1 else float(torch.tanh(gate))
+
+        return {i: (opened(b.attn_gate), opened(b.ff_gate)) for i, b in self.xattn.items()}

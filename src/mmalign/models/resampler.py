@@ -17,13 +17,16 @@ from torch import nn
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU}
 
 
-def feed_forward(dim: int, mult: int, activation: str) -> nn.Sequential:
-    """Pre-norm MLP without biases: LayerNorm -> Linear(dim, mult * dim) -> activation -> Linear(mult * dim, dim)."""
+def feed_forward(dim: int, mult: int, activation: str, norm: nn.Module | None = None, inner: int = 0) -> nn.Sequential:
+    """Pre-norm MLP without biases: norm -> Linear(dim, inner) -> activation -> Linear(inner, dim).
+
+    The norm defaults to LayerNorm and the inner width to `mult * dim`."""
+    inner = inner or mult * dim
     return nn.Sequential(
-        nn.LayerNorm(dim),
-        nn.Linear(dim, mult * dim, bias=False),
+        norm if norm is not None else nn.LayerNorm(dim),
+        nn.Linear(dim, inner, bias=False),
         ACTIVATIONS[activation](),
-        nn.Linear(mult * dim, dim, bias=False),
+        nn.Linear(inner, dim, bias=False),
     )
 
 

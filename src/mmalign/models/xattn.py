@@ -47,22 +47,64 @@ def media_mask(media_time: torch.Tensor, n_media: int, only_immediate: bool) -> 
     return (slots == t) if only_immediate else (slots <= t)
 
 
-class GatedCrossAttentionBlock(nn.Module):
-    """Text hidden states (B, T, dim) attend to media latents (B, M, L, media_dim) through two tanh gates."""
+class SwiGLU(nn.Module):
+    """down(silu(gate(x)) * up(x)), no biases: the Llama feed-forward, which IDEFICS uses in its blocks."""
 
-    def __init__(self, *, dim: int, media_dim: int, heads: int = 8, dim_head: int = 64, ff_mult: int = 4,
-                 activation: str = "gelu"):  # fmt: skip
+    def __init__(self, dim: int, inner: int):
         super().__init__()
+        self.gate_proj = nn.Linear(dim, inner, bias=False)
+        self.up_proj = nn.Linear(dim, inner, bias=False)
+        self.down_proj = nn.Linear(inner, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+NORMS = {"layernorm": nn.LayerNorm, "rmsnorm": nn.RMSNorm}
+
+
+class GatedCrossAttentionBlock(nn.Module):
+    """Text hidden states (B, T, dim) attend to media latents (B, M, L, media_dim) through two tanh gates.
+
+    The defaults are the paper's block (LayerNorm, GELU MLP, scalar gates). IDEFICS's differs only in options:
+    RMSNorm, a SwiGLU feed-forward of the LM's width, per-head query/key norms and per-unit gates."""
+
+    def __init__(
+        self,
+        *,
+        dim: int,
+        media_dim: int,
+        heads: int = 8,
+        dim_head: int = 64,
+        ff_mult: int = 4,
+        activation: str = "gelu",
+        norm: str = "layernorm",
+        norm_eps: float = 1e-5,
+        ff: str = "mlp",
+        ff_dim: int = 0,
+        qk_norm: bool = False,
+        gate: str = "scalar",
+    ):
+        super().__init__()
+        if norm not in NORMS or ff not in ("mlp", "swiglu") or gate not in ("scalar", "vector"):
+            raise ValueError(f"cross-attention block: unknown norm {norm!r}, feed-forward {ff!r} or gate {gate!r}")
         inner = heads * dim_head
         self.heads = heads
-        self.norm = nn.LayerNorm(dim)
+        self.norm = NORMS[norm](dim, eps=norm_eps)
         self.to_q = nn.Linear(dim, inner, bias=False)
         self.to_k = nn.Linear(media_dim, inner, bias=False)
         self.to_v = nn.Linear(media_dim, inner, bias=False)
         self.to_out = nn.Linear(inner, dim, bias=False)
-        self.ff = feed_forward(dim, ff_mult, activation)
-        self.attn_gate = nn.Parameter(torch.zeros(1))
-        self.ff_gate = nn.Parameter(torch.zeros(1))
+        self.q_norm = NORMS[norm](dim_head, eps=norm_eps) if qk_norm else nn.Identity()
+        self.k_norm = NORMS[norm](dim_head, eps=norm_eps) if qk_norm else nn.Identity()
+        ff_norm = NORMS[norm](dim, eps=norm_eps)
+        if ff == "swiglu":
+            self.ff = nn.Sequential(ff_norm, SwiGLU(dim, ff_dim or ff_mult * dim))
+        else:
+            self.ff = feed_forward(dim, ff_mult, activation, norm=ff_norm, inner=ff_dim)
+        gate_shape = (dim,) if gate == "vector" else (1,)
+        self.attn_gate = nn.Parameter(torch.zeros(gate_shape))
+        self.ff_gate = nn.Parameter(torch.zeros(gate_shape))
 
     def _split(self, x: torch.Tensor) -> torch.Tensor:
         return x.unflatten(-1, (self.heads, -1)).transpose(1, 2)  # (B, N, h * dh) -> (B, h, N, dh)
@@ -70,7 +112,7 @@ class GatedCrossAttentionBlock(nn.Module):
     def media_kv(self, media: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, M, L, media_dim) -> keys, values (B, h, M * L, dh)."""
         flat = media.flatten(1, 2)
-        return self._split(self.to_k(flat)), self._split(self.to_v(flat))
+        return self.k_norm(self._split(self.to_k(flat))), self._split(self.to_v(flat))
 
     def attend(self, x: torch.Tensor, ctx: MediaContext, index: int) -> torch.Tensor:
         """Cross-attention output (B, T, dim); zero at tokens that may attend to no media item."""
@@ -85,7 +127,7 @@ class GatedCrossAttentionBlock(nn.Module):
         sees_any = allowed.any(-1, keepdim=True)  # (B, T, 1)
         # A row with nothing to attend to would be all -inf (NaN after softmax): let it attend anywhere, then zero it.
         mask = (allowed | ~sees_any).repeat_interleave(n_latents, dim=-1)  # (B, T, M * L)
-        q = self._split(self.to_q(self.norm(x)))  # (B, h, T, dh)
+        q = self.q_norm(self._split(self.to_q(self.norm(x))))  # (B, h, T, dh)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.unsqueeze(1))  # (B, h, T, dh)
         return self.to_out(out.transpose(1, 2).flatten(2)) * sees_any.to(x.dtype)
 
