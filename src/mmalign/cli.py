@@ -397,10 +397,12 @@ def generate(
 FORMATS = {
     "hf-llava": ("mmalign.interop.hf_llava", "export_hf_llava", "import_hf_llava"),
     "hf-idefics": ("mmalign.interop.hf_idefics", "export_hf_idefics", "import_hf_idefics"),
+    "openflamingo": ("mmalign.interop.openflamingo", None, "import_openflamingo"),
 }
 FORMAT_HELP = (
     "hf-llava: transformers' LlavaForConditionalGeneration + processor (projector family) | "
-    "hf-idefics: transformers' IdeficsForVisionText2Text + processor (flamingo family)"
+    "hf-idefics: transformers' IdeficsForVisionText2Text + processor (flamingo family) | "
+    "openflamingo: an OpenFlamingo checkpoint.pt (import only; needs --base)"
 )
 
 
@@ -410,6 +412,8 @@ def _converter(format: str, direction: int):
     if format not in FORMATS:
         raise typer.BadParameter(f"unknown format {format!r}; supported: {', '.join(FORMATS)}")
     module, *names = FORMATS[format]
+    if names[direction] is None:
+        raise typer.BadParameter(f"format {format!r} can only be imported")
     return getattr(importlib.import_module(module), names[direction])
 
 
@@ -429,13 +433,29 @@ def export(
 
 @app.command("import")
 def import_cmd(
-    source: Path = typer.Argument(..., help="Folder in the given format (e.g. a saved LlavaForConditionalGeneration)."),
+    source: Path = typer.Argument(
+        ...,
+        help="Folder in the given format (a saved LlavaForConditionalGeneration, ...) or OpenFlamingo checkpoint.pt.",
+    ),
     out: Path = typer.Option(..., help="mmalign checkpoint folder to write."),
     format: str = typer.Option("hf-llava", help=FORMAT_HELP),
+    base: str | None = typer.Option(
+        None,
+        help="openflamingo only: a recipe (name or YAML) whose model names the vision encoder (a CLIP folder) and the "
+        "LM the checkpoint was trained on, and the heads of its resampler and blocks (model.flamingo).",
+    ),
 ) -> None:
     """Read another library's checkpoint into an mmalign checkpoint."""
     _quiet_transformers()
-    _converter(format, 1)(source, out)
+    convert = _converter(format, 1)
+    if format == "openflamingo":
+        from mmalign.config import load_recipe
+
+        if base is None:
+            raise typer.BadParameter("an OpenFlamingo checkpoint holds no encoder or LM: name them with --base")
+        convert(source, load_recipe(base).model, out)
+    else:
+        convert(source, out)
     console.print(f"wrote {out}")
 
 
