@@ -32,8 +32,9 @@ from mmalign.models.xattn import (
 class NewTokens(nn.Module):
     """Trainable embedding and output rows for a few token ids of a frozen LM, used in place of the LM's own rows.
 
-    The rows start as copies of the LM's, and the model's embeddings and logits come from the LM's weight matrix
-    with these rows written in (one lookup, one matmul), so an untrained model computes exactly what its LM does."""
+    The rows start as copies of the LM's, so an untrained model computes exactly what its LM does. They replace
+    the LM's rows after the lookup and after the output matmul rather than inside its weight matrices: a gradient
+    through a patched (V, D) matrix would cost a second full vocabulary matmul in every backward pass."""
 
     def __init__(self, llm: nn.Module, token_ids: list[int]):
         super().__init__()
@@ -42,13 +43,29 @@ class NewTokens(nn.Module):
         self.tied = head.weight is embed.weight
         self.embed = nn.Parameter(embed.weight.detach()[self.ids].clone())  # (n, D)
         self.head = None if self.tied else nn.Parameter(head.weight.detach()[self.ids].clone())
+        slot = torch.full((embed.num_embeddings,), -1, dtype=torch.long)
+        slot[self.ids] = torch.arange(len(token_ids))
+        self.register_buffer("slot", slot, persistent=False)  # token id -> its row here, -1 for the LM's own
+
+    def lookup(self, input_ids: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+        """Embeddings (..., D) of `input_ids` from the LM's matrix `base`, these rows taking over their ids."""
+        slot = self.slot[input_ids]
+        mine = self.embed.to(base.dtype)[slot.clamp(min=0)]
+        return torch.where((slot >= 0).unsqueeze(-1), mine, F.embedding(input_ids, base))
+
+    def logits(self, hidden: torch.Tensor, base: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """LM-head logits (..., V) with these rows' columns in place of the LM's."""
+        rows = (self.embed if self.tied else self.head).to(base.dtype)
+        mine = F.linear(hidden, rows, None if bias is None else bias[self.ids])
+        return F.linear(hidden, base, bias).index_copy(-1, self.ids, mine)
 
     def embedding_weight(self, base: torch.Tensor) -> torch.Tensor:
-        return base.index_copy(0, self.ids, self.embed.to(base.dtype))  # (V, D)
+        """The LM's (V, D) embedding matrix with these rows written in (for export)."""
+        return base.index_copy(0, self.ids, self.embed.to(base.dtype))
 
     def head_weight(self, base: torch.Tensor) -> torch.Tensor:
         rows = self.embed if self.tied else self.head
-        return base.index_copy(0, self.ids, rows.to(base.dtype))  # (V, D)
+        return base.index_copy(0, self.ids, rows.to(base.dtype))
 
 
 class FlamingoLM(MultimodalLM):
@@ -108,11 +125,11 @@ class FlamingoLM(MultimodalLM):
     def embed(self, input_ids, media=None, sample_ids=None) -> torch.Tensor:
         """Token embeddings (B, T, D), the placeholder and end-of-chunk rows taken from `new_tokens`."""
         base = self.llm.get_input_embeddings().weight
-        return F.embedding(input_ids, self.new_tokens.embedding_weight(base))
+        return self.new_tokens.lookup(input_ids, base)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         head = self.lm_head
-        return F.linear(hidden, self.new_tokens.head_weight(head.weight), head.bias)
+        return self.new_tokens.logits(hidden, head.weight, head.bias)
 
     def media_latents(self, input_ids: torch.Tensor, media: dict) -> tuple[torch.Tensor | None, torch.Tensor]:
         """Each row's media latents in order of appearance (B, M, L, D) (None without media), and each token's
