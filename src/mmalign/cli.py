@@ -45,7 +45,12 @@ def quickstart(
     image_folder: Path = typer.Option(None, help="Folder the records' image paths are relative to (with --data)."),
     val: Path = typer.Option(None, help="Validation file for stage 2's validation loss (with --data)."),
     dataset: str = typer.Option("shapes", help="Embedded dataset used without --data: shapes or glyphs."),
-    finetune: str = typer.Option("full", help="Stage-2 LLM fine-tuning: full or lora."),
+    finetune: str = typer.Option("full", help="Stage-2 LLM fine-tuning: full or lora (projector family)."),
+    family: str = typer.Option(
+        "projector",
+        help="Alignment family: projector (LLaVA-style) or flamingo (Perceiver Resampler + gated cross-attention, "
+        "encoder and LM frozen; writes runs/quickstart_flamingo).",
+    ),
     vision: str = typer.Option(
         "auto",
         help="Stage-0 vision pretraining: auto (lit when the data has caption-like records, else data2vec), lit "
@@ -55,7 +60,8 @@ def quickstart(
     seed: int = typer.Option(0, help="Seed for data, initialisation and order."),
     progress: bool = typer.Option(True, help="Show progress bars."),
 ) -> None:
-    """Train a small LLaVA-style model on your data (or the embedded data) and show what it learned.
+    """Train a small multimodal model (LLaVA-style, or Flamingo-style with --family flamingo) on your data (or the
+    embedded data) and show what it learned.
 
     Stage 0 builds a tokenizer from the data's text and pretrains a tiny vision tower (contrastively against a
     locked pretrained text tower, on the records that are one question and one answer) and a tiny LM on the text;
@@ -65,17 +71,23 @@ def quickstart(
     dataset.
 
     Examples: `mmalign quickstart` (embedded shapes), `mmalign quickstart --dataset glyphs`, `mmalign quickstart
-    --data captions.json --data conversations.json --eval test.json --image-folder images/`.
+    --family flamingo`, `mmalign quickstart --data captions.json --data conversations.json --eval test.json
+    --image-folder images/`.
     """
     _quiet_transformers()
     from mmalign.quickstart import run_quickstart
 
     if dataset not in ("shapes", "glyphs"):
         raise typer.BadParameter(f"unknown dataset {dataset!r}; embedded: shapes, glyphs")
+    if family not in ("projector", "flamingo"):
+        raise typer.BadParameter(f"unknown family {family!r}; choose projector or flamingo")
+    if family == "flamingo" and finetune != "full":
+        raise typer.BadParameter("the flamingo family keeps the LM frozen; --finetune applies to projector")
     if data and image_folder is None:
         raise typer.BadParameter("--data needs --image-folder (the folder its image paths are relative to)")
-    if not data and dataset != "shapes" and out == Path("runs/quickstart"):
-        out = Path(f"runs/quickstart_{dataset}")  # a second embedded dataset does not overwrite the first
+    if out == Path("runs/quickstart"):  # another dataset or family does not overwrite the first run
+        out = Path("_".join(["runs/quickstart", *([] if data or dataset == "shapes" else [dataset]),
+                             *([] if family == "projector" else [family])]))  # fmt: skip
     run_quickstart(
         out,
         data or None,
@@ -84,6 +96,7 @@ def quickstart(
         val_data=val,
         embedded=dataset,
         finetune=finetune,
+        family=family,
         vision=vision,
         seed=seed,
         progress=progress,

@@ -17,6 +17,13 @@ from mmalign.data.processor import read_records
 VISION_CHOICES = ("auto", "lit", "data2vec", "supervised")
 
 
+# The shipped recipes each family's quickstart runs (stage 1, stage 2).
+RECIPES = {
+    "projector": ("shapes_stage1", "shapes_stage2"),
+    "flamingo": ("flamingo_shapes_stage1", "flamingo_shapes_stage2"),
+}
+
+
 def _fmt(acc: dict) -> str:
     return ", ".join(f"{k} {v:.0%}" for k, v in acc.items())
 
@@ -139,6 +146,7 @@ def run_quickstart(
     embedded: str = "shapes",
     embedded_dir: str | Path | None = None,
     finetune: str = "full",
+    family: str = "projector",
     vision: str = "auto",
     seed: int = 0,
     n_train: int = 3000,
@@ -152,8 +160,14 @@ def run_quickstart(
     """Stage 0, 1 and 2 on `data` (LLaVA-format files, media under `image_folder`), then accuracy on `eval_data`
     against a blind baseline and the majority answer. Without `data`, the embedded dataset `embedded` (written to
     `embedded_dir`, default data/<name>). The size arguments shrink the run (tests use them); the defaults are what
-    the README reports, the same for every dataset."""
+    the README reports, the same for every dataset. `family`: projector (LLaVA) or flamingo (its shipped recipes,
+    encoder and LM frozen in both stages)."""
     from mmalign.train.loop import train
+
+    if family not in RECIPES:
+        raise ValueError(f"quickstart family {family!r}: choose {' or '.join(RECIPES)}")
+    if family == "flamingo" and finetune != "full":
+        raise ValueError("the flamingo family keeps the LM frozen in both stages; --finetune applies to projector")
 
     console = console or Console()
     out = Path(out)
@@ -179,25 +193,28 @@ def run_quickstart(
         f"train.seed={seed}",
         f"train.progress={str(progress).lower()}",
     ]
-    console.print("[bold]stage 1[/]: feature alignment (connector only, caption-like records)")
+    stage1_recipe, stage2_recipe = RECIPES[family]
+    trained = "connector" if family == "projector" else "resampler, cross-attention, new token rows"
+    console.print(f"[bold]stage 1[/]: feature alignment ({trained}; caption-like records)")
     stage1 = load_recipe(
-        "shapes_stage1",
+        stage1_recipe,
         common
         + [f"data.train={base['stage1']}", f"train.out_dir={out / 'stage1'}"]
         + ([f"train.epochs={stage1_epochs}"] if stage1_epochs else []),
     )
     train(stage1, console=console)
-    console.print(f"[bold]stage 2[/]: instruction tuning (connector + LLM, {finetune})")
+    what = f"connector + LLM, {finetune}" if family == "projector" else f"{trained}; LM frozen"
+    console.print(f"[bold]stage 2[/]: instruction tuning ({what})")
     stage2 = load_recipe(
-        "shapes_stage2",
+        stage2_recipe,
         common
         + [
             f"data.train={base['stage2']}",
             f"data.val={val_data}" if val_data else "data.val=null",
             f"train.out_dir={out / 'stage2'}",
             f"train.init_from={out / 'stage1'}",
-            f"train.finetune={finetune}",
         ]
+        + ([f"train.finetune={finetune}"] if family == "projector" else [])
         + (["train.lr=3e-3"] if finetune == "lora" else [])
         + ([f"train.epochs={stage2_epochs}"] if stage2_epochs else []),
     )
