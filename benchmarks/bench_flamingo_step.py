@@ -13,15 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
-from bench_train_step import IMAGE_TOKEN, _write_tokenizer, rss_mb
+from bench_train_step import IMAGE_TOKEN, _write_tokenizer, run_children, timed_training
 
 VISION = dict(embed_dim=256, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=4, image_size=112)
 TEXT = dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_attention_heads=8)
@@ -124,42 +120,7 @@ def run_one(impl: str, folder: Path, steps: int, batch: int, device: str) -> dic
             return out["loss_sum"] / out["n_tokens"]
 
     model.to(device).train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4)
-    batches = [{k: v.to(device) for k, v in b.items()} for b in make_batches(steps + 2, batch)]
-    losses = []
-
-    def train_step(b):
-        loss = step(b)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-
-    for b in batches[:2]:  # warm-up: allocator, optimizer state
-        train_step(b)
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    base = rss_mb()
-    start = time.perf_counter()
-    for b in batches[2:]:
-        train_step(b)
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
-    if device.startswith("cuda"):
-        peak = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB, whole-process peak
-    return {
-        "impl": impl,
-        "samples_per_s": steps * batch / seconds,
-        "peak_mb": peak,
-        "rss_before_mb": base,
-        "trainable": sum(p.numel() for p in params),
-        "losses": losses,
-    }
+    return {"impl": impl, **timed_training(model, step, make_batches(steps + 2, batch), device, lr=1e-4)}
 
 
 def main() -> None:
@@ -190,14 +151,7 @@ def main() -> None:
         build_reference(folder, args.vocab, args.every)
         _write_tokenizer(folder / "hf", args.vocab)
         import_hf_idefics(folder / "hf", folder / "ours")
-        results = {}
-        for impl in ("hf", "ours"):
-            cmd = [sys.executable, __file__, "--child", impl, "--folder", str(folder)]
-            cmd += ["--steps", str(args.steps), "--batch", str(args.batch), "--device", args.device]
-            done = subprocess.run(cmd, capture_output=True, text=True)
-            if done.returncode:
-                sys.exit(f"{impl} run failed:\n{done.stderr[-3000:]}")
-            results[impl] = json.loads(done.stdout.strip().splitlines()[-1])
+        results = run_children(__file__, folder, args)
     hf, ours = results["hf"], results["ours"]
     print(f"first-step loss transformers {hf['losses'][0]:.4f}, mmalign {ours['losses'][0]:.4f}")
     print(f"trainable parameters transformers {hf['trainable']:,}, mmalign {ours['trainable']:,}")

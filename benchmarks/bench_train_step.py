@@ -106,8 +106,16 @@ def run_one(impl: str, folder: Path, steps: int, batch: int, device: str) -> dic
             return out["loss_sum"] / out["n_tokens"]
 
     model.to(device).train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-    batches = [{k: v.to(device) for k, v in b.items()} for b in make_batches(steps + 2, batch)]
+    return {"impl": impl, **timed_training(model, step, make_batches(steps + 2, batch), device, lr=1e-5)}
+
+
+def timed_training(model, step, batches: list[dict], device: str, lr: float) -> dict:
+    """AdamW steps of `step(batch) -> loss` on the trainable parameters: two warm-up steps (allocator, optimizer
+    state), then the rest timed. Throughput in samples/s, peak memory (CUDA: allocated; CPU: the process's peak
+    resident size), the trainable parameter count and every loss."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr)
+    batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
     losses = []
 
     def train_step(b):
@@ -117,7 +125,7 @@ def run_one(impl: str, folder: Path, steps: int, batch: int, device: str) -> dic
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
 
-    for b in batches[:2]:  # warm-up: allocator, optimizer state
+    for b in batches[:2]:
         train_step(b)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -133,13 +141,27 @@ def run_one(impl: str, folder: Path, steps: int, batch: int, device: str) -> dic
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB, whole-process peak
+    samples = sum(len(b["input_ids"]) for b in batches[2:])
     return {
-        "impl": impl,
-        "samples_per_s": steps * batch / seconds,
+        "samples_per_s": samples / seconds,
         "peak_mb": peak,
         "rss_before_mb": base,
+        "trainable": sum(p.numel() for p in params),
         "losses": losses,
     }
+
+
+def run_children(script: str, folder: Path, args: argparse.Namespace) -> dict[str, dict]:
+    """Run `script --child hf` and `--child ours` in fresh processes (separate peak memory); their JSON results."""
+    results = {}
+    for impl in ("hf", "ours"):
+        cmd = [sys.executable, script, "--child", impl, "--folder", str(folder)]
+        cmd += ["--steps", str(args.steps), "--batch", str(args.batch), "--device", args.device]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode:
+            sys.exit(f"{impl} run failed:\n{done.stderr[-3000:]}")
+        results[impl] = json.loads(done.stdout.strip().splitlines()[-1])
+    return results
 
 
 def main() -> None:
@@ -173,12 +195,7 @@ def compare(vocab: int, args: argparse.Namespace) -> None:
         build_reference(folder, vocab)
         _write_tokenizer(folder / "hf", vocab)
         import_hf_llava(folder / "hf", folder / "ours")
-        results = {}
-        for impl in ("hf", "ours"):
-            cmd = [sys.executable, __file__, "--child", impl, "--folder", str(folder)]
-            cmd += ["--steps", str(args.steps), "--batch", str(args.batch), "--device", args.device]
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
-            results[impl] = json.loads(out)
+        results = run_children(__file__, folder, args)
     hf, ours = results["hf"], results["ours"]
     print(
         f"\nvocabulary {vocab:,}: first-step loss transformers {hf['losses'][0]:.4f}, mmalign {ours['losses'][0]:.4f}"

@@ -53,6 +53,37 @@ def idefics_options(text_config) -> dict:
     )
 
 
+TEXT_FIELDS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "hidden_act",
+    "rms_norm_eps",
+    "max_position_embeddings",
+)
+# CLIP vision config name -> IdeficsVisionConfig name
+VISION_FIELDS = {
+    "hidden_size": "embed_dim",
+    "intermediate_size": "intermediate_size",
+    "num_hidden_layers": "num_hidden_layers",
+    "num_attention_heads": "num_attention_heads",
+    "image_size": "image_size",
+    "patch_size": "patch_size",
+    "num_channels": "num_channels",
+    "hidden_act": "hidden_act",
+    "layer_norm_eps": "layer_norm_eps",
+}
+
+
+def _shared_text(config) -> dict:
+    """The settings a Llama config and an IDEFICS config share, read from either."""
+    return {k: getattr(config, k) for k in TEXT_FIELDS} | {
+        "rope_parameters": dict(config.rope_parameters),
+        "tie_word_embeddings": bool(getattr(config, "tie_word_embeddings", False)),
+    }
+
+
 # ---------------------------------------------------------------------------------------------------- export
 def _check_exportable(model: FlamingoLM, cfg: ModelConfig, llm: nn.Module) -> None:
     if getattr(model, "family", None) != "flamingo" or model.modalities != ["image"]:
@@ -112,30 +143,12 @@ def export_hf_idefics(model: FlamingoLM, tokenizer, model_cfg: ModelConfig, out:
     config = IdeficsConfig(
         vocab_size=base,
         additional_vocab_size=embed.shape[0] - base,
-        hidden_size=text.hidden_size,
-        intermediate_size=text.intermediate_size,
-        num_hidden_layers=text.num_hidden_layers,
-        num_attention_heads=text.num_attention_heads,
-        hidden_act=text.hidden_act,
-        rms_norm_eps=text.rms_norm_eps,
-        max_position_embeddings=text.max_position_embeddings,
-        rope_parameters=dict(text.rope_parameters),
-        tie_word_embeddings=bool(getattr(text, "tie_word_embeddings", False)),
+        **_shared_text(text),
         cross_layer_interval=fl.cross_attn_every_n_layers,
         qk_layer_norms=fl.xattn_qk_norm,
         alpha_type="vector" if fl.xattn_gate == "vector" else "float",
         use_resampler=True,
-        vision_config=dict(
-            embed_dim=vision.hidden_size,
-            image_size=vision.image_size,
-            intermediate_size=vision.intermediate_size,
-            patch_size=vision.patch_size,
-            num_hidden_layers=vision.num_hidden_layers,
-            num_attention_heads=vision.num_attention_heads,
-            num_channels=vision.num_channels,
-            hidden_act=vision.hidden_act,
-            layer_norm_eps=vision.layer_norm_eps,
-        ),
+        vision_config={theirs: getattr(vision, ours) for ours, theirs in VISION_FIELDS.items()},
         perceiver_config=dict(
             use_resampler=True,
             resampler_n_latents=fl.num_latents,
@@ -265,17 +278,7 @@ def import_hf_idefics(src: str | Path, out: str | Path) -> Path:
     # The vision tower: IDEFICS's is CLIP's, module for module.
     vision = cfg.vision_config
     tower = CLIPVisionModel(
-        CLIPVisionConfig(
-            hidden_size=vision.embed_dim,
-            intermediate_size=vision.intermediate_size,
-            num_hidden_layers=vision.num_hidden_layers,
-            num_attention_heads=vision.num_attention_heads,
-            image_size=vision.image_size,
-            patch_size=vision.patch_size,
-            num_channels=vision.num_channels,
-            hidden_act=vision.hidden_act,
-            layer_norm_eps=vision.layer_norm_eps,
-        )
+        CLIPVisionConfig(**{ours: getattr(vision, theirs) for ours, theirs in VISION_FIELDS.items()})
     )
     tower.load_state_dict(hf.model.vision_model.state_dict())
     tower_dir, llm_dir = out / "encoder", out / "llm"
@@ -288,16 +291,8 @@ def import_hf_idefics(src: str | Path, out: str | Path) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(src)
     text_cfg = LlamaConfig(
         vocab_size=embed.shape[0],
-        hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_hidden_layers,
-        num_attention_heads=cfg.num_attention_heads,
+        **_shared_text(cfg),
         num_key_value_heads=cfg.num_attention_heads,
-        hidden_act=cfg.hidden_act,
-        rms_norm_eps=cfg.rms_norm_eps,
-        max_position_embeddings=cfg.max_position_embeddings,
-        rope_parameters=dict(cfg.rope_parameters),
-        tie_word_embeddings=bool(cfg.tie_word_embeddings),
         **special_token_ids(tokenizer),
     )
     text = LlamaForCausalLM(text_cfg)
