@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from bench_train_step import IMAGE_TOKEN, _write_tokenizer, run_children, timed_training
+from bench_train_step import IMAGE_TOKEN, _write_tokenizer, print_comparison, run_children, timed_training
 
 VISION = dict(embed_dim=256, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=4, image_size=112)
 TEXT = dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_attention_heads=8)
@@ -155,11 +155,7 @@ def main() -> None:
     hf, ours = results["hf"], results["ours"]
     print(f"first-step loss transformers {hf['losses'][0]:.4f}, mmalign {ours['losses'][0]:.4f}")
     print(f"trainable parameters transformers {hf['trainable']:,}, mmalign {ours['trainable']:,}")
-    print(f"{'':14}{'samples/s':>12}{'peak MiB':>12}")
-    for name, r in (("transformers", hf), ("mmalign", ours)):
-        print(f"{name:14}{r['samples_per_s']:>12.2f}{r['peak_mb']:>12.0f}")
-    print(f"speed ratio (mmalign / transformers): {ours['samples_per_s'] / hf['samples_per_s']:.2f}x")
-    print(f"peak memory ratio (mmalign / transformers): {ours['peak_mb'] / hf['peak_mb']:.2f}")
+    print_comparison(hf, ours)
 
 
 if __name__ == "__main__":

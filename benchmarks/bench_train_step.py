@@ -200,6 +200,11 @@ def compare(vocab: int, args: argparse.Namespace) -> None:
     print(
         f"\nvocabulary {vocab:,}: first-step loss transformers {hf['losses'][0]:.4f}, mmalign {ours['losses'][0]:.4f}"
     )
+    print_comparison(hf, ours)
+
+
+def print_comparison(hf: dict, ours: dict) -> None:
+    """Throughput and peak memory of both implementations, and the ratios."""
     print(f"{'':14}{'samples/s':>12}{'peak MiB':>12}")
     for name, r in (("transformers", hf), ("mmalign", ours)):
         print(f"{name:14}{r['samples_per_s']:>12.2f}{r['peak_mb']:>12.0f}")
