@@ -75,14 +75,14 @@ def quickstart(
     --image-folder images/`.
     """
     _quiet_transformers()
-    from mmalign.quickstart import run_quickstart
+    from mmalign.quickstart import check_family, run_quickstart
 
     if dataset not in ("shapes", "glyphs"):
         raise typer.BadParameter(f"unknown dataset {dataset!r}; embedded: shapes, glyphs")
-    if family not in ("projector", "flamingo"):
-        raise typer.BadParameter(f"unknown family {family!r}; choose projector or flamingo")
-    if family == "flamingo" and finetune != "full":
-        raise typer.BadParameter("the flamingo family keeps the LM frozen; --finetune applies to projector")
+    try:
+        check_family(family, finetune)
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from None
     if data and image_folder is None:
         raise typer.BadParameter("--data needs --image-folder (the folder its image paths are relative to)")
     if out == Path("runs/quickstart"):  # another dataset or family does not overwrite the first run

@@ -24,6 +24,14 @@ RECIPES = {
 }
 
 
+def check_family(family: str, finetune: str) -> None:
+    """A family the quickstart has recipes for, and a fine-tuning choice that family can take."""
+    if family not in RECIPES:
+        raise ValueError(f"quickstart family {family!r}: choose {' or '.join(RECIPES)}")
+    if family == "flamingo" and finetune != "full":
+        raise ValueError("the flamingo family keeps the LM frozen in both stages; --finetune applies to projector")
+
+
 def _fmt(acc: dict) -> str:
     return ", ".join(f"{k} {v:.0%}" for k, v in acc.items())
 
@@ -164,10 +172,7 @@ def run_quickstart(
     encoder and LM frozen in both stages)."""
     from mmalign.train.loop import train
 
-    if family not in RECIPES:
-        raise ValueError(f"quickstart family {family!r}: choose {' or '.join(RECIPES)}")
-    if family == "flamingo" and finetune != "full":
-        raise ValueError("the flamingo family keeps the LM frozen in both stages; --finetune applies to projector")
+    check_family(family, finetune)
 
     console = console or Console()
     out = Path(out)

@@ -139,7 +139,6 @@ def export_hf_idefics(model: FlamingoLM, tokenizer, model_cfg: ModelConfig, out:
     head = model.new_tokens.head_weight(llm.get_output_embeddings().weight).detach()
     # Rows past the tokenizer's base vocabulary (its added tokens) become IDEFICS's trainable "additional" rows.
     base = min(tokenizer.vocab_size, embed.shape[0])
-    blocks = [model.xattn[str(i)] for i in sorted(map(int, model.xattn))]
     config = IdeficsConfig(
         vocab_size=base,
         additional_vocab_size=embed.shape[0] - base,
@@ -163,7 +162,7 @@ def export_hf_idefics(model: FlamingoLM, tokenizer, model_cfg: ModelConfig, out:
     inner = hf.model
     inner.vision_model.load_state_dict(enc.tower.state_dict())
     inner.perceiver_resampler.load_state_dict(_resampler_to_idefics(resampler))
-    for theirs, ours in zip(inner.gated_cross_attn_layers, blocks, strict=True):
+    for theirs, ours in zip(inner.gated_cross_attn_layers, model.xattn.values(), strict=True):  # layer order
         theirs.load_state_dict(_block_to_idefics(ours, vector=fl.xattn_gate == "vector"))
     decoder = llm.get_decoder()
     inner.layers.load_state_dict(decoder.layers.state_dict())
@@ -186,8 +185,13 @@ def _set_decoupled(module: nn.Module, weight: torch.Tensor, base: int) -> None:
     with torch.no_grad():
         module.weight.copy_(weight[:base])
         if weight.shape[0] > base:
-            extra = module.additional_embedding if hasattr(module, "additional_embedding") else module.additional_fc
-            extra.weight.copy_(weight[base:])
+            _additional(module).weight.copy_(weight[base:])
+
+
+def _additional(module: nn.Module) -> nn.Module | None:
+    """The extra ("decoupled") rows of an IDEFICS embedding or LM head; None when it has none."""
+    names = [n for n in ("additional_embedding", "additional_fc") if hasattr(module, n)]
+    return getattr(module, names[0]) if names else None
 
 
 def _resampler_to_idefics(resampler: PerceiverResampler) -> dict:
@@ -328,8 +332,7 @@ def import_hf_idefics(src: str | Path, out: str | Path) -> Path:
     )
     model, tokenizer = build_model(model_cfg)
     model.connectors["image"].load_state_dict(_resampler_from_idefics(hf.model.perceiver_resampler.state_dict()))
-    blocks = [model.xattn[str(i)] for i in sorted(map(int, model.xattn))]
-    for theirs, ours in zip(hf.model.gated_cross_attn_layers, blocks, strict=True):
+    for theirs, ours in zip(hf.model.gated_cross_attn_layers, model.xattn.values(), strict=True):  # layer order
         ours.load_state_dict(_block_from_idefics(theirs.state_dict()))
     save_checkpoint(out, model, tokenizer, model_cfg)
     return out
@@ -337,7 +340,7 @@ def import_hf_idefics(src: str | Path, out: str | Path) -> Path:
 
 def _merged(module: nn.Module) -> torch.Tensor:
     """An IDEFICS decoupled embedding or LM head as one (V + additional, D) matrix."""
-    extra = getattr(module, "additional_embedding", None) or getattr(module, "additional_fc", None)
+    extra = _additional(module)
     weight = module.weight.detach()
     return torch.cat([weight, extra.weight.detach()]) if extra is not None else weight
 

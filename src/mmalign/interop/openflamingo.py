@@ -32,7 +32,13 @@ from mmalign.train.checkpoint import save_checkpoint
 
 BLOCK_KEY = re.compile(r"^lang_encoder\.(?:.+\.(\d+)\.gated_cross_attn_layer|gated_cross_attn_layers\.(\d+))\.(.+)$")
 # OpenFlamingo's `FeedForward` is Sequential(LayerNorm, Linear, GELU, Linear): the same indices as ours.
-BLOCK_NAMES = {"attn.norm.": "norm.", "attn.to_q.": "to_q.", "attn.to_out.": "to_out.", "ff.": "ff."}
+BLOCK_NAMES = {
+    "attn.norm.": "norm.",
+    "attn.to_q.": "to_q.",
+    "attn.to_kv.": "to_kv.",
+    "attn.to_out.": "to_out.",
+    "ff.": "ff.",
+}
 
 
 def _placement(indices: list[int], n_layers: int) -> tuple[str, int]:
@@ -54,34 +60,33 @@ def read_blocks(state: dict) -> dict[int, dict]:
     return blocks
 
 
+def _split_kv(state: dict) -> dict:
+    """Every fused `to_kv` tensor (Linear(media_dim, 2 * inner): keys first, then values) as `to_k` and `to_v`."""
+    out = {}
+    for key, value in state.items():
+        if "to_kv." in key:
+            out[key.replace("to_kv.", "to_k.")], out[key.replace("to_kv.", "to_v.")] = value.chunk(2, dim=0)
+        else:
+            out[key] = value
+    return out
+
+
 def _block_state(of: dict) -> dict:
     out = {}
     for key, value in of.items():
-        if key.startswith("attn.to_kv."):
-            k, v = value.chunk(2, dim=0)  # to_kv = Linear(media_dim, 2 * inner): keys first, then values
-            out["to_k." + key[len("attn.to_kv.") :]], out["to_v." + key[len("attn.to_kv.") :]] = k, v
-        elif key in ("attn_gate", "ff_gate"):
+        if key in ("attn_gate", "ff_gate"):
             out[key] = value.reshape(1)
-        else:
-            prefix = next((p for p in BLOCK_NAMES if key.startswith(p)), None)
-            if prefix is None:
-                raise KeyError(f"unexpected OpenFlamingo cross-attention tensor {key!r}")
-            out[BLOCK_NAMES[prefix] + key[len(prefix) :]] = value
-    return out
+            continue
+        prefix = next((p for p in BLOCK_NAMES if key.startswith(p)), None)
+        if prefix is None:
+            raise KeyError(f"unexpected OpenFlamingo cross-attention tensor {key!r}")
+        out[BLOCK_NAMES[prefix] + key[len(prefix) :]] = value
+    return _split_kv(out)
 
 
 def _resampler_state(of: dict) -> dict:
     """`perceiver.*` (prefix removed) -> our PerceiverResampler's names."""
-    out = {}
-    for key, value in of.items():
-        if key == "frame_embs":
-            out["frame_embeddings"] = value
-        elif ".0.to_kv." in key:
-            k, v = value.chunk(2, dim=0)
-            out[key.replace(".0.to_kv.", ".0.to_k.")], out[key.replace(".0.to_kv.", ".0.to_v.")] = k, v
-        else:
-            out[key] = value
-    return out
+    return _split_kv({"frame_embeddings" if k == "frame_embs" else k: v for k, v in of.items()})
 
 
 def import_openflamingo(checkpoint: str | Path, base: ModelConfig, out: str | Path) -> Path:

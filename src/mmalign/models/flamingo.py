@@ -53,19 +53,22 @@ class NewTokens(nn.Module):
         mine = self.embed.to(base.dtype)[slot.clamp(min=0)]
         return torch.where((slot >= 0).unsqueeze(-1), mine, F.embedding(input_ids, base))
 
+    @property
+    def output_rows(self) -> torch.Tensor:
+        return self.embed if self.tied else self.head
+
     def logits(self, hidden: torch.Tensor, base: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """LM-head logits (..., V) with these rows' columns in place of the LM's."""
-        rows = (self.embed if self.tied else self.head).to(base.dtype)
-        mine = F.linear(hidden, rows, None if bias is None else bias[self.ids])
-        return F.linear(hidden, base, bias).index_copy(-1, self.ids, mine)
+        mine = F.linear(hidden, self.output_rows.to(base.dtype), None if bias is None else bias[self.ids])
+        # In place on a fresh product (its backward does not read it): no second (..., V) tensor.
+        return F.linear(hidden, base, bias).index_copy_(-1, self.ids, mine)
 
     def embedding_weight(self, base: torch.Tensor) -> torch.Tensor:
         """The LM's (V, D) embedding matrix with these rows written in (for export)."""
         return base.index_copy(0, self.ids, self.embed.to(base.dtype))
 
     def head_weight(self, base: torch.Tensor) -> torch.Tensor:
-        rows = self.embed if self.tied else self.head
-        return base.index_copy(0, self.ids, rows.to(base.dtype))
+        return base.index_copy(0, self.ids, self.output_rows.to(base.dtype))
 
 
 class FlamingoLM(MultimodalLM):
