@@ -20,7 +20,7 @@ def shapes(tmp_path_factory):
     """A small embedded shapes dataset on disk (paths dict from write_shapes_dataset)."""
     from mmalign.data.shapes import write_shapes_dataset
 
-    return write_shapes_dataset(tmp_path_factory.mktemp("shapes"), n_train=40, n_val=4, n_test=4, seed=0)
+    return write_shapes_dataset(tmp_path_factory.mktemp("shapes"), n_train=40, n_val=4, n_test=4, seed=0, n_episodes=40)
 
 
 @pytest.fixture(scope="session")

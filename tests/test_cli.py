@@ -38,6 +38,8 @@ def test_data_writes_a_llava_dataset(tmp_path):
     assert len(convs) == 5 and convs[0]["conversations"][0]["from"] == "human"
     assert (tmp_path / "images" / convs[0]["image"]).is_file()
     assert (tmp_path / "tokenizer" / "tokenizer.json").is_file()
+    episodes = (tmp_path / "interleaved_train.jsonl").read_text().splitlines()
+    assert len(episodes) == 8000 and all(2 <= len(json.loads(e)["image_info"]) <= 5 for e in episodes[:50])
 
 
 def test_train_eval_generate_export_import(tmp_path, shapes, tiny_hf_llava):

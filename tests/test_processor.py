@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from transformers import AutoTokenizer
 
@@ -161,3 +163,21 @@ def test_interleaved_document_chunks_and_labels(tok):
 def test_bad_documents_are_named(change, problem):
     with pytest.raises(SampleError, match=f"sample doc-1: .*{problem}"):
         parse_record({**DOCUMENT, **change}, 0)
+
+
+def test_several_training_files_mix_and_errors_name_the_file(tok, shapes, tmp_path):
+    from mmalign.config import RecipeConfig, apply_overrides
+    from mmalign.data.dataset import ConversationDataset
+    from mmalign.data.processor import read_records
+
+    (tmp_path / "extra.json").write_text(json.dumps([RECORD, {"id": "broken", "conversations": []}]))
+    cfg = apply_overrides(RecipeConfig(), [f"data.train=[{shapes['conversations']},{tmp_path / 'extra.json'}]"])
+    assert cfg.data.train == [shapes["conversations"], str(tmp_path / "extra.json")]
+    ds = ConversationDataset(cfg.data.train, shapes["images"], make_processor(tok))
+    n = len(read_records(shapes["conversations"]))
+    assert len(ds) == n + 2
+    assert ds[0]["id"] == read_records(shapes["conversations"])[0]["id"] and "error" not in ds[0]
+    assert ds[n]["id"] == "two-images"  # the second file follows the first
+    assert ds[n + 1]["error"].startswith(f"{tmp_path / 'extra.json'}: sample broken")
+    single = ConversationDataset(str(tmp_path / "extra.json"), shapes["images"], make_processor(tok))
+    assert single[1]["error"].startswith("sample broken")  # one file: the message is the sample's alone

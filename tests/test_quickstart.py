@@ -52,13 +52,19 @@ def test_records_split_into_caption_and_conversation_stages(tmp_path):
     assert stages["captions"] is None and json.loads(stages["stage1"].read_text()) == [conv]
 
 
-def test_quickstart_flamingo_family_learns_to_see(tmp_path):
+def test_quickstart_flamingo_family_learns_to_see_and_learns_in_context(tmp_path):
     """`mmalign quickstart --family flamingo`: the same stage 0, then the Flamingo recipes (encoder and LM
-    frozen); the trained model is a flamingo checkpoint that beats the blind baseline on held-out questions."""
+    frozen); the trained model is a flamingo checkpoint that beats the blind baseline on held-out questions. Stage 3
+    (episodes whose attribute only the demonstrations reveal) makes shots pay: 4 shots beat the bare query."""
     from mmalign.train.checkpoint import load_checkpoint
 
     small = SMALL | {"stage2_epochs": 6}  # cross-attention from closed gates needs a few more epochs than a projector
-    result = run_quickstart(tmp_path / "run", embedded_dir=tmp_path / "data", n_train=600, family="flamingo", **small)
+    result = run_quickstart(tmp_path / "run", embedded_dir=tmp_path / "data", n_train=600, family="flamingo",
+                            n_episodes=1500, fewshot_epochs=2, fewshot_limit=150, **small)  # fmt: skip
     assert load_checkpoint(tmp_path / "run" / "stage2")[2].family == "flamingo"
     assert result["accuracy"] > result["blind_accuracy"] + 0.12  # seen here: 54.6% vs blind 33.6%, majority 38.9%
     assert result["accuracy"] > result["majority_accuracy"] + 0.1
+    shots = result["fewshot"]["shots"]
+    assert result["fewshot"]["zero_shot"] == "none"
+    assert shots[4] > shots[0] + 0.2 and shots[2] > shots[0] + 0.2
+    assert result["fewshot"]["vqa_accuracy"] > result["majority_accuracy"] + 0.05  # the mixture keeps its VQA

@@ -49,7 +49,8 @@ def quickstart(
     family: str = typer.Option(
         "projector",
         help="Alignment family: projector (LLaVA-style) or flamingo (Perceiver Resampler + gated cross-attention, "
-        "encoder and LM frozen; writes runs/quickstart_flamingo).",
+        "encoder and LM frozen; writes runs/quickstart_flamingo; on the embedded shapes data it adds stage 3, "
+        "in-context episodes, and a table of accuracy per number of shots).",
     ),
     vision: str = typer.Option(
         "auto",
@@ -117,15 +118,23 @@ def data_cmd(
         help="shapes (coloured shapes, with a word-level tokenizer) or glyphs (two drawn digits on textures, six "
         "question types of 2 to 10 answers; no tokenizer: it stands in for a user's own data).",
     ),
+    episodes: int = typer.Option(
+        8000,
+        help="shapes: in-context episodes (interleaved documents of 2-9 images whose answers all name one unstated "
+        "attribute), plus the few-shot support and test files; 0 writes none.",
+    ),
 ) -> None:
-    """Write an embedded dataset to disk in LLaVA format."""
+    """Write an embedded dataset to disk in LLaVA format (and, for shapes, MMC4-shaped in-context episodes)."""
     if dataset == "shapes":
-        from mmalign.data.shapes import write_shapes_dataset as write
+        from mmalign.data.shapes import write_shapes_dataset
+
+        paths = write_shapes_dataset(out, n_train, n_val, n_test, image_size, seed, n_episodes=episodes)
     elif dataset == "glyphs":
-        from mmalign.data.glyphs import write_glyphs_dataset as write
+        from mmalign.data.glyphs import write_glyphs_dataset
+
+        paths = write_glyphs_dataset(out, n_train, n_val, n_test, image_size, seed)
     else:
         raise typer.BadParameter(f"unknown dataset {dataset!r}; embedded: shapes, glyphs")
-    paths = write(out, n_train, n_val, n_test, image_size, seed)
     console.print_json(json.dumps(paths))
 
 
@@ -318,9 +327,7 @@ def eval_cmd(
 
 
 def _fewshot_report(model, processor, data, folder, shots, support, select, zero_shot, limit, output) -> None:
-    from rich.table import Table
-
-    from mmalign.fewshot import SELECTIONS, ZERO_SHOT, evaluate_fewshot
+    from mmalign.fewshot import SELECTIONS, ZERO_SHOT, evaluate_fewshot, fewshot_table
 
     try:
         counts = [int(k) for k in shots.split(",")]
@@ -335,14 +342,7 @@ def _fewshot_report(model, processor, data, folder, shots, support, select, zero
     res = evaluate_fewshot(
         model, processor, data, support, folder, shots=counts, select=select, zero_shot=zero_shot, limit=limit
     )
-    protocol = "two text-only demonstrations" if zero_shot == "text-demos" else "the bare query"
-    table = Table(title=f"few-shot accuracy on {data} (demos: {select}; 0-shot: {protocol})")
-    types = sorted({t for r in res["shots"].values() for t in r["by_type"]}, key=str)
-    for col in ("shots", "n", "accuracy", *map(str, types)):
-        table.add_column(col, justify="right")
-    for k, r in res["shots"].items():
-        table.add_row(str(k), str(r["n"]), f"{r['accuracy']:.1%}", *(f"{r['by_type'].get(t, 0):.1%}" for t in types))
-    console.print(table)
+    console.print(fewshot_table(res, data))
     if output:
         output.write_text(json.dumps(res, indent=1))
 

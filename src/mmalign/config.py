@@ -132,7 +132,9 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    train: str = _f("", "LLaVA-format JSON/JSONL for training")
+    train: str | list[str] = _f(
+        "", "LLaVA-format JSON/JSONL for training, or a list of them mixed into one set (`[a.json,b.jsonl]`)"
+    )
     val: str | None = _f(None, "LLaVA-format JSON/JSONL for validation loss")
     image_folder: str = _f("", "folder that media paths (`image`, `audio`, ...) are relative to")
     template: Literal["plain", "chat"] = _f(

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 from rich.progress import Progress
+from rich.table import Table
 from torch import nn
 
 from mmalign.constants import END_OF_CHUNK
@@ -87,7 +88,7 @@ def evaluate_fewshot(
     limit: int | None = None,
     progress: bool = True,
 ) -> dict:
-    """Accuracy per shot count: {"shots": {k: {"accuracy", "by_type", "n"}}, "select", "zero_shot"}."""
+    """Accuracy per shot count: {"shots": {k: {"accuracy", "by_type", "n", "predictions"}}, "select", "zero_shot"}."""
     if select not in SELECTIONS:
         raise ValueError(f"select={select!r}: choose one of {', '.join(SELECTIONS)}")
     if zero_shot not in ZERO_SHOT:
@@ -125,7 +126,7 @@ def evaluate_fewshot(
         for k in shots:
             rng = random.Random(seed * 1_000_003 + k)
             task = bar.add_task(f"{k}-shot", total=len(query_set))
-            scores, by_type = [], defaultdict(list)
+            scores, by_type, predictions = [], defaultdict(list), []
             for start in range(0, len(query_set), batch_size):
                 prompts, media, batch = [], [], query_set[start : start + batch_size]
                 for qi, q in enumerate(batch, start):
@@ -142,13 +143,28 @@ def evaluate_fewshot(
                 outs = generate(model, prompts, collate_media(media), pad_id=tok.pad_token_id, stop_ids=stop_ids,
                                 max_new_tokens=max_new_tokens)  # fmt: skip
                 for q, out in zip(batch, outs, strict=True):
-                    score = vqa_score(tok.decode(out, skip_special_tokens=True).strip(), [q["answer"]])
+                    said = tok.decode(out, skip_special_tokens=True).strip()
+                    score = vqa_score(said, [q["answer"]])
                     scores.append(score)
+                    predictions.append({"id": q["id"], "prediction": said, "answer": q["answer"], "score": score})
                     by_type[q["type"]].append(score)
                 bar.advance(task, len(batch))
             results[k] = {
                 "accuracy": sum(scores) / max(len(scores), 1),
                 "n": len(scores),
                 "by_type": {t: sum(v) / len(v) for t, v in sorted(by_type.items(), key=lambda kv: str(kv[0]))},
+                "predictions": predictions,
             }
     return {"shots": results, "select": select, "zero_shot": zero_shot}
+
+
+def fewshot_table(res: dict, data: str | Path) -> Table:
+    """evaluate_fewshot's result as a table: accuracy per shot count and question type, saying which 0-shot ran."""
+    protocol = "two text-only demonstrations" if res["zero_shot"] == "text-demos" else "the bare query"
+    table = Table(title=f"few-shot accuracy on {data} (demos: {res['select']}; 0-shot: {protocol})")
+    types = sorted({t for r in res["shots"].values() for t in r["by_type"]}, key=str)
+    for col in ("shots", "n", "accuracy", *map(str, types)):
+        table.add_column(col, justify="right")
+    for k, r in res["shots"].items():
+        table.add_row(str(k), str(r["n"]), f"{r['accuracy']:.1%}", *(f"{r['by_type'].get(t, 0):.1%}" for t in types))
+    return table

@@ -22,6 +22,8 @@ RECIPES = {
     "projector": ("shapes_stage1", "shapes_stage2"),
     "flamingo": ("flamingo_shapes_stage1", "flamingo_shapes_stage2"),
 }
+FEWSHOT_RECIPE = "flamingo_shapes_fewshot"  # the flamingo family's stage 3, on data with in-context episodes
+FEWSHOT_SHOTS = (0, 1, 2, 4, 8)
 
 
 def check_family(family: str, finetune: str) -> None:
@@ -127,21 +129,35 @@ def _pretrain_data2vec(data, folder, out, steps, seed, console, progress) -> Non
     console.print(f"vision tower (data2vec, {len(pairs.ids)} images): loss {losses[0]:.3f} -> {losses[-1]:.3f}")
 
 
-def embedded_data(name: str, folder: Path, n_train: int, seed: int, console: Console) -> dict[str, Path]:
-    """The files of an embedded dataset, written on first use."""
+def embedded_data(
+    name: str, folder: Path, n_train: int, seed: int, console: Console, n_episodes: int = 8000
+) -> dict[str, Path]:
+    """The files of an embedded dataset, written on first use (shapes: with its in-context episodes, added to a
+    folder written before they existed)."""
+    from mmalign.data.glyphs import write_glyphs_dataset
+    from mmalign.data.shapes import write_fewshot, write_shapes_dataset
+
     if not (folder / "qa_test.json").is_file():
         console.print(f"[bold]writing the embedded {name} dataset[/] to {folder}")
         if name == "shapes":
-            from mmalign.data.shapes import write_shapes_dataset as write
+            write_shapes_dataset(folder, n_train=n_train, seed=seed, n_episodes=n_episodes)
         else:
-            from mmalign.data.glyphs import write_glyphs_dataset as write
-        write(folder, n_train=n_train, seed=seed)
-    return {
+            write_glyphs_dataset(folder, n_train=n_train, seed=seed)
+    files = {
         "data": [folder / "captions_train.json", folder / "conversations_train.json"],
         "eval": folder / "qa_test.json",
         "val": folder / "qa_val.json",
         "image_folder": folder / "images",
     }
+    if name == "shapes" and n_episodes:
+        if not (folder / "interleaved_train.jsonl").is_file():
+            write_fewshot(folder, n_docs=n_episodes, seed=seed)
+        files |= {
+            "episodes": folder / "interleaved_train.jsonl",
+            "support": folder / "fewshot_support.json",
+            "fewshot_test": folder / "fewshot_test.json",
+        }
+    return files
 
 
 def run_quickstart(
@@ -162,6 +178,9 @@ def run_quickstart(
     lm_steps: int = 200,
     stage1_epochs: float | None = None,
     stage2_epochs: float | None = None,
+    n_episodes: int = 8000,
+    fewshot_epochs: float | None = None,
+    fewshot_limit: int | None = None,
     progress: bool = True,
     console: Console | None = None,
 ) -> dict:
@@ -169,7 +188,8 @@ def run_quickstart(
     against a blind baseline and the majority answer. Without `data`, the embedded dataset `embedded` (written to
     `embedded_dir`, default data/<name>). The size arguments shrink the run (tests use them); the defaults are what
     the README reports, the same for every dataset. `family`: projector (LLaVA) or flamingo (its shipped recipes,
-    encoder and LM frozen in both stages)."""
+    encoder and LM frozen in both stages); on the embedded shapes data the flamingo family goes on to stage 3, in
+    context (see fewshot_stage)."""
     from mmalign.train.loop import train
 
     check_family(family, finetune)
@@ -177,10 +197,10 @@ def run_quickstart(
     console = console or Console()
     out = Path(out)
     start = time.time()
-    name, lit_data = embedded, None
+    name, lit_data, files = embedded, None, {}
     if data is None:
         folder = Path(embedded_dir or f"data/{embedded}")
-        files = embedded_data(embedded, folder, n_train, seed, console)
+        files = embedded_data(embedded, folder, n_train, seed, console, n_episodes)
         data, eval_data, val_data, image_folder = files["data"], files["eval"], files["val"], files["image_folder"]
         lit_data = folder if embedded == "shapes" else None
     else:
@@ -228,10 +248,52 @@ def run_quickstart(
     result = {"checkpoint": str(out / "stage2"), "train_seconds": train_seconds}
     if eval_data is not None:
         result |= held_out_table(out / "stage2", stage2.data, Path(eval_data), image_folder, name, progress, console)
+    if family == "flamingo" and "episodes" in files:
+        stage3 = load_recipe(
+            FEWSHOT_RECIPE,
+            common
+            + ["data.val=null", f"train.out_dir={out / 'fewshot'}", f"train.init_from={out / 'stage2'}"]
+            + ([f"train.epochs={fewshot_epochs}"] if fewshot_epochs else []),
+        )
+        stage3.data.train = [str(base["stage2"]), str(files["episodes"])]  # a list: not an override's text
+        result["fewshot"] = fewshot_stage(stage3, files, fewshot_limit, progress, console)
     result["seconds"] = time.time() - start
-    console.print(f"time: {result['seconds']:.0f} s (training {train_seconds:.0f} s); checkpoint: {out / 'stage2'}")
+    stage3 = f", in context: {result['fewshot']['checkpoint']}" if "fewshot" in result else ""
+    console.print(
+        f"time: {result['seconds']:.0f} s (stages 0-2 {train_seconds:.0f} s); checkpoint: {out / 'stage2'}{stage3}"
+    )
     (out / "results.json").write_text(json.dumps(result, indent=1))
     return result
+
+
+def fewshot_stage(cfg, files: dict, limit: int | None, progress: bool, console: Console) -> dict:
+    """Stage 3 of the flamingo family: the stage-2 model goes on over its conversations mixed with in-context
+    episodes (`cfg`, the FEWSHOT_RECIPE), then accuracy per shot count on held-out images, where only the
+    demonstrations say which attribute to name (0 shots: the bare query), and held-out VQA again, to show the
+    stage kept it."""
+    from mmalign.data.processor import processor_for
+    from mmalign.evaluate import evaluate_vqa
+    from mmalign.fewshot import evaluate_fewshot, fewshot_table
+    from mmalign.train.checkpoint import load_checkpoint
+    from mmalign.train.loop import train
+
+    console.print("[bold]stage 3[/]: in context (the same parts train, on conversations + episodes; LM frozen)")
+    train(cfg, console=console)
+    model, tokenizer, _ = load_checkpoint(cfg.train.out_dir)
+    processor = processor_for(model, tokenizer, cfg.data)
+    folder = files["image_folder"]
+    res = evaluate_fewshot(model, processor, files["fewshot_test"], files["support"], folder, shots=FEWSHOT_SHOTS,
+                           zero_shot="none", limit=limit, progress=progress)  # fmt: skip
+    console.print(fewshot_table(res, files["fewshot_test"]))
+    vqa = evaluate_vqa(model, processor, files["eval"], folder, progress=progress)
+    console.print(f"held-out VQA after stage 3: {vqa['accuracy']:.1%}; checkpoint: {cfg.train.out_dir}")
+    return {
+        "checkpoint": str(cfg.train.out_dir),
+        "shots": {k: r["accuracy"] for k, r in res["shots"].items()},
+        "by_type": {k: r["by_type"] for k, r in res["shots"].items()},
+        "zero_shot": res["zero_shot"],
+        "vqa_accuracy": vqa["accuracy"],
+    }
 
 
 def held_out_table(checkpoint, data_cfg, test: Path, images: Path, name: str, progress: bool, console) -> dict:

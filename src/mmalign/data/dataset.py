@@ -13,8 +13,15 @@ from mmalign.data.processor import Processor, SampleError, parse_record, read_re
 
 
 class ConversationDataset(Dataset):
-    def __init__(self, path: str | Path, media_folder: str | Path, processor: Processor):
-        self.records = read_records(path)
+    """LLaVA conversations and interleaved documents from one file or several mixed (records in file order)."""
+
+    def __init__(self, path: str | Path | list[str | Path], media_folder: str | Path, processor: Processor):
+        paths = path if isinstance(path, list) else [path]
+        self.records, self.sources = [], []  # sources: (file, index in it), so errors point into the right file
+        for p in paths:
+            records = read_records(p)
+            self.records += records
+            self.sources += [(str(p) if len(paths) > 1 else None, i) for i in range(len(records))]
         self.media_folder = Path(media_folder)
         self.processor = processor
 
@@ -22,13 +29,13 @@ class ConversationDataset(Dataset):
         return len(self.records)
 
     def __getitem__(self, index: int) -> dict:
-        record = self.records[index]
+        record, (source, local) = self.records[index], self.sources[index]
         try:
-            conv = parse_record(record, index)
+            conv = parse_record(record, local)
             input_ids, labels = self.processor.tokenize(conv)
             media = self.processor.media(conv, self.media_folder)
         except SampleError as err:
-            return {"id": err.sample_id, "error": str(err)}
+            return {"id": err.sample_id, "error": f"{source}: {err}" if source else str(err)}
         return {"id": conv.id, "input_ids": input_ids, "labels": labels, "media": media}
 
 

@@ -118,10 +118,17 @@ def _qa(scene: Scene, qtype: str, rng: random.Random) -> tuple[str, str]:
 
 
 def write_shapes_dataset(
-    out_dir: str | Path, n_train: int = 3000, n_val: int = 100, n_test: int = 200, image_size: int = 64, seed: int = 0
+    out_dir: str | Path,
+    n_train: int = 3000,
+    n_val: int = 100,
+    n_test: int = 200,
+    image_size: int = 64,
+    seed: int = 0,
+    n_episodes: int = 8000,
 ) -> dict:
     """Write images/, captions_train.json, conversations_train.json, qa_val.json, qa_test.json, scenes.json,
-    and a word-level tokenizer/ built from the text. Returns the paths."""
+    a word-level tokenizer/ built from the text and, with n_episodes, the in-context episodes of write_fewshot.
+    Returns the paths."""
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     captions, conversations, qa = [], [], {"val": [], "test": []}
@@ -170,7 +177,8 @@ def write_shapes_dataset(
     paths = write_splits(out, captions, conversations, qa) | {"tokenizer": out / "tokenizer"}
     (out / "scenes.json").write_text(json.dumps(scenes))
     build_word_tokenizer(corpus_texts(captions + conversations + qa["val"] + qa["test"]), paths["tokenizer"])
-    return {k: str(v) for k, v in paths.items()}
+    episodes = write_fewshot(out, n_docs=n_episodes, seed=seed) if n_episodes else {}
+    return {k: str(v) for k, v in paths.items()} | episodes
 
 
 def write_splits(out: Path, captions: list, conversations: list, qa: dict[str, list]) -> dict[str, Path]:
@@ -208,21 +216,26 @@ def corpus_texts(records: list[dict]) -> list[str]:
     return [turn["value"] for rec in records for turn in rec["conversations"]]
 
 
-def write_fewshot(data_dir: str | Path, n_docs: int = 3000, n_support: int = 200, seed: int = 0) -> dict[str, str]:
+def write_fewshot(
+    data_dir: str | Path, n_docs: int = 3000, n_support: int = 200, max_images: int = 9, seed: int = 0
+) -> dict[str, str]:
     """In-context episodes over an existing shapes folder (its scenes.json), for the Flamingo family.
 
     The attribute an episode is about is never named: every chunk is `<image>{answer}<|endofchunk|>` with the
     answers of one hidden attribute, so only the demonstrations say what to answer. Writes
-    interleaved_train.jsonl (MMC4-shaped documents of 2-6 train images), fewshot_support.json (train images, one
-    record per attribute) and fewshot_test.json (held-out test images, one record per attribute)."""
+    interleaved_train.jsonl (MMC4-shaped documents of 2 to max_images train images), fewshot_support.json (train
+    images, one record per attribute) and fewshot_test.json (held-out test images, one record per attribute)."""
     out = Path(data_dir)
     scenes = {name: Scene(**s) for name, s in json.loads((out / "scenes.json").read_text()).items()}
     train = sorted(n for n in scenes if n.startswith("train_"))
     test = sorted(n for n in scenes if n.startswith("test_"))
+    if len(train) < 2:
+        raise ValueError(f"{out}: in-context episodes need at least 2 training images, found {len(train)}")
+    max_images = min(max_images, len(train))
     rng = random.Random(seed * 7919 + 11)
     docs = []
     for i in range(n_docs):
-        qtype, names = rng.choice(list(QUESTIONS)), rng.sample(train, rng.randint(2, 6))
+        qtype, names = rng.choice(list(QUESTIONS)), rng.sample(train, rng.randint(2, max_images))
         docs.append(
             {
                 "id": f"episode-{i}",
