@@ -48,3 +48,20 @@ def tiny_hf_llava(tmp_path_factory, shapes):
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def base(tmp_path_factory, shapes):
+    """Tiny encoder and LLM saved as HF folders, as stage 0 would leave them."""
+    from helpers import TINY_LLAMA, TINY_VISION
+    from mmalign.config import LLMConfig
+    from mmalign.models.encoders import clip_encoder, save_encoder
+    from mmalign.models.llm import load_llm, load_tokenizer
+
+    out = tmp_path_factory.mktemp("base")
+    torch.manual_seed(0)
+    save_encoder(clip_encoder(config=dict(TINY_VISION)), out / "encoder")
+    tok = load_tokenizer(LLMConfig(tokenizer=shapes["tokenizer"]), ["<image>"])
+    load_llm(LLMConfig(config=dict(TINY_LLAMA)), tok).save_pretrained(out / "lm")
+    tok.save_pretrained(out / "lm")
+    return out

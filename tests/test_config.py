@@ -138,7 +138,7 @@ def test_unregistered_names_fail_before_building(shapes):
     from mmalign.models.builder import build_model
 
     for override, error in [
-        ("model.family=kosmos", "model.family='kosmos': registered families are flamingo, projector"),
+        ("model.family=kosmos", "model.family='kosmos': registered families are flamingo, onellm, projector"),
         ("model.media.smell.encoder.name=clip", "model.media.smell: unknown modality 'smell'"),
         ("model.media.image.encoder.name=dino", "model.media.image.encoder.name='dino'"),
         ("model.media.image.connector.name=qformer", "model.media.image.connector.name='qformer'"),

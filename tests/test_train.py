@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import TINY_LLAMA, TINY_VISION, stopped_at
+from helpers import stopped_at
 from mmalign.config import (
     ConnectorConfig,
     DataConfig,
@@ -23,23 +23,9 @@ from mmalign.config import (
 )
 from mmalign.data.dataset import epoch_order
 from mmalign.data.processor import SampleError
-from mmalign.models.encoders import clip_encoder, save_encoder
-from mmalign.models.llm import load_llm, load_tokenizer
 from mmalign.models.multimodal import MultimodalLM
 from mmalign.train.checkpoint import load_checkpoint
 from mmalign.train.loop import recipe_trainer, train
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory, shapes):
-    """Tiny encoder and LLM saved as HF folders, as stage 0 would leave them."""
-    out = tmp_path_factory.mktemp("base")
-    torch.manual_seed(0)
-    save_encoder(clip_encoder(config=dict(TINY_VISION)), out / "encoder")
-    tok = load_tokenizer(LLMConfig(tokenizer=shapes["tokenizer"]), ["<image>"])
-    load_llm(LLMConfig(config=dict(TINY_LLAMA)), tok).save_pretrained(out / "lm")
-    tok.save_pretrained(out / "lm")
-    return out
 
 
 def recipe(base, shapes, tmp_path, **train_kw) -> RecipeConfig:

@@ -51,6 +51,11 @@ class MediaConfig:
         [], "more encoders whose features are concatenated per token with `encoder`'s (Prismatic's DINOv2 + SigLIP)"
     )
     connector: ConnectorConfig = field(default_factory=ConnectorConfig)
+    tokenizer: dict = _f(
+        {},
+        "onellm family: settings of this modality's registered tokenizer (e.g. audio {seconds: 0.6}); the family "
+        "reads no per-modality encoder or connector",
+    )
 
 
 @dataclass
@@ -112,11 +117,29 @@ class FlamingoConfig:
 
 
 @dataclass
+class OneLLMConfig:
+    """The OneLLM family: modality tokenizers -> one universal encoder -> the universal projection module (UPM)."""
+
+    encoder: EncoderConfig = _f(
+        EncoderConfig(feature_layer=-1, keep_cls=True),
+        "the universal encoder shared by every modality: an image tower (clip | siglip; `path` or a preset)",
+    )
+    num_experts: int = _f(3, "projection experts, mixed per token by each modality's router", ge=1)
+    num_queries: int = _f(30, "learned query tokens per modality: tokens each input gives the LLM (plus 2 tags)", ge=1)
+    expert_depth: int = _f(1, "transformer layers per expert (bidirectional)", ge=1)
+    expert_heads: int = _f(4, "attention heads in the experts", ge=1)
+    router_hidden: int = _f(0, "hidden width of each router MLP; 0: 4 x the encoder width", ge=0)
+    router: Literal["softmax", "sigmoid"] = _f(
+        "softmax", "router weights: softmax over experts (paper) | sigmoid then normalised to sum 1 (released code)"
+    )
+
+
+@dataclass
 class ModelConfig:
     family: str = _f(
         "projector",
         "alignment family: projector (LLaVA-style early fusion) | flamingo (Perceiver Resampler + gated "
-        "cross-attention)",
+        "cross-attention) | onellm (modality tokenizers, one universal encoder, projection experts + router)",
     )
     media: dict[str, MediaConfig] = _f(
         {"image": MediaConfig()}, "per modality (image, audio, ...): its encoder(s) and connector"
@@ -127,6 +150,9 @@ class ModelConfig:
     )
     flamingo: FlamingoConfig = field(
         default_factory=FlamingoConfig, metadata={"help": "resampler and cross-attention settings (family=flamingo)"}
+    )
+    onellm: OneLLMConfig = field(
+        default_factory=OneLLMConfig, metadata={"help": "universal encoder and projection settings (family=onellm)"}
     )
 
 

@@ -139,6 +139,31 @@ def preprocess_audio(wave_: torch.Tensor, encoder) -> torch.Tensor:
     return spectrogram(wave_, encoder.n_fft, encoder.hop)[0]
 
 
+class SpectrogramTokenizer(nn.Module):
+    """The onellm family's audio tokenizer: each spectrogram frame becomes one token of the universal encoder's
+    width, after a learned class token, with learned positions. (items, frames, bins) -> (items, 1 + frames, width).
+    `seconds` fixes the clip length the processor crops or pads to."""
+
+    def __init__(self, width: int, *, seconds: float = 0.6, sample_rate: int = SAMPLE_RATE, n_fft: int = 256,
+                 hop: int = 128):  # fmt: skip
+        super().__init__()
+        self.sample_rate, self.n_fft, self.hop = sample_rate, n_fft, hop
+        self.num_samples = int(round(seconds * sample_rate))
+        self.num_tokens = 2 + self.num_samples // hop  # the class token + torch.stft's frames (center=True)
+        self.hidden_size = width
+        self.proj = nn.Linear(n_fft // 2 + 1, width)
+        self.cls = nn.Parameter(torch.zeros(1, 1, width))
+        self.pos = nn.Parameter(torch.randn(self.num_tokens, width) * 0.02)
+
+    def forward(self, spec: torch.Tensor) -> torch.Tensor:
+        x = self.proj(spec)  # (items, frames, width)
+        return torch.cat([self.cls.expand(len(x), -1, -1), x], dim=1) + self.pos
+
+
+def audio_tokenizer(universal, settings: dict) -> SpectrogramTokenizer:
+    return SpectrogramTokenizer(universal.hidden_size, **settings)
+
+
 AUDIO = register_modality(
     Modality(
         name="audio",
@@ -147,5 +172,6 @@ AUDIO = register_modality(
         default_encoder="audio-transformer",
         load=load_audio,
         preprocess=preprocess_audio,
+        tokenizer=audio_tokenizer,
     )
 )

@@ -30,6 +30,10 @@ class Modality:
     default_encoder: str  # ENCODERS entry used when a recipe names the modality without an encoder
     load: Callable[[Any], Any]
     preprocess: Callable[[Any, Any], torch.Tensor]
+    # The onellm family's lightweight tokenizer: `tokenizer(universal_encoder, settings) -> module` turning
+    # preprocessed items (items, ...) into tokens of the universal encoder's width (items, num_tokens, width).
+    # The module carries the attributes `preprocess` reads, as an encoder would. None: no onellm support.
+    tokenizer: Callable[[Any, dict], Any] | None = None
 
     def resolve(self, source: Any, folder: str | Path = "") -> Any:
         """A record's relative path resolved against the media folder; arrays and bytes pass through."""

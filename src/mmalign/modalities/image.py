@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import io
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+from torch import nn
 
 from mmalign.modalities.base import MediaError, Modality, register_modality
 
@@ -47,6 +49,29 @@ def preprocess_for(img: Image.Image, encoder) -> torch.Tensor:
     return preprocess_image(img, encoder.image_size, encoder.mean, encoder.std)
 
 
+class ImageTokenizer(nn.Module):
+    """The onellm family's image tokenizer: the universal tower's own patch embedding (class token and positions
+    included, as OneLLM reuses CLIP's conv1), copied so it can train or stay frozen apart from the tower.
+    (items, 3, H, W) -> (items, num_tokens, width)."""
+
+    def __init__(self, universal):
+        super().__init__()
+        self.embeddings = copy.deepcopy(universal._body().embeddings)
+        self.image_size, self.patch_size = universal.image_size, universal.patch_size
+        self.mean, self.std = universal.mean, universal.std
+        self.hidden_size = universal.hidden_size
+        self.num_tokens = (self.image_size // self.patch_size) ** 2 + int(universal.has_cls)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.embeddings(pixel_values)
+
+
+def image_tokenizer(universal, settings: dict) -> ImageTokenizer:
+    if settings:
+        raise ValueError(f"the image tokenizer takes no settings (got {sorted(settings)}): it is the tower's own")
+    return ImageTokenizer(universal)
+
+
 IMAGE = register_modality(
     Modality(
         name="image",
@@ -55,5 +80,6 @@ IMAGE = register_modality(
         default_encoder="clip",
         load=load_image,
         preprocess=preprocess_for,
+        tokenizer=image_tokenizer,
     )
 )

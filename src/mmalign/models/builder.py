@@ -13,7 +13,9 @@ from mmalign.models.encoders import FusedEncoder
 from mmalign.models.flamingo import FlamingoLM
 from mmalign.models.llm import load_llm, load_tokenizer
 from mmalign.models.multimodal import MultimodalLM
+from mmalign.models.onellm import OneLLMLM
 from mmalign.models.resampler import PerceiverResampler
+from mmalign.models.upm import UniversalProjection
 from mmalign.registry import CONNECTORS, ENCODERS, FAMILIES, register_family
 
 # Logit transforms some LLMs apply after the LM head; the sparse-loss path calls the head directly.
@@ -24,11 +26,20 @@ def check_model_config(cfg: ModelConfig) -> None:
     """Every name in the config exists in its registry: checked before anything is built or loaded."""
     if cfg.family not in FAMILIES:
         raise ConfigError(f"model.family={cfg.family!r}: registered families are {', '.join(FAMILIES.names())}")
+    if cfg.family == "onellm" and cfg.onellm.encoder.name not in ENCODERS:
+        raise ConfigError(
+            f"model.onellm.encoder.name={cfg.onellm.encoder.name!r}: registered encoders are "
+            f"{', '.join(ENCODERS.names())}"
+        )
     for modality, media in cfg.media.items():
         try:
-            get_modality(modality)
+            spec = get_modality(modality)
         except KeyError as err:
             raise ConfigError(f"model.media.{modality}: {err.args[0]}") from None
+        if cfg.family == "onellm":
+            if spec.tokenizer is None:
+                raise ConfigError(f"model.media.{modality}: the {modality} modality registers no onellm tokenizer")
+            continue  # the family reads no per-modality encoder or connector
         for i, enc in enumerate([media.encoder, *media.extra_encoders]):
             if enc.name not in ENCODERS:
                 where = "encoder" if i == 0 else f"extra_encoders.{i - 1}"
@@ -132,6 +143,34 @@ def build_flamingo(cfg: ModelConfig, tokenizer) -> FlamingoLM:
         encoders=encoders, resamplers=resamplers, llm=llm, media_token_ids=ids,
         end_of_chunk_id=tokenizer.convert_tokens_to_ids(END_OF_CHUNK), cfg=fl,
     )  # fmt: skip
+
+
+@register_family("onellm")
+def build_onellm(cfg: ModelConfig, tokenizer) -> OneLLMLM:
+    """OneLLM-style: per modality its registered tokenizer, one universal encoder (model.onellm.encoder) and the
+    Universal Projection Module into the LLM's embedding space."""
+    llm = load_llm(cfg.llm, tokenizer)
+    check_llm(llm)
+    oc = cfg.onellm
+    enc = oc.encoder
+    universal = ENCODERS.build(enc.name, path=enc.path, preset=enc.preset, config=enc.config,
+                               feature_layer=enc.feature_layer, keep_cls=enc.keep_cls)  # fmt: skip
+    tokenizers = {m: get_modality(m).tokenizer(universal, dict(media.tokenizer)) for m, media in cfg.media.items()}
+    upm = UniversalProjection(
+        universal.hidden_size,
+        llm.get_input_embeddings().embedding_dim,
+        list(cfg.media),
+        num_experts=oc.num_experts,
+        num_queries=oc.num_queries,
+        depth=oc.expert_depth,
+        heads=oc.expert_heads,
+        router_hidden=oc.router_hidden,
+        router=oc.router,
+    )
+    if cfg.lora is not None:
+        llm = apply_lora(llm, cfg.lora)
+    ids = {m: tokenizer.convert_tokens_to_ids(text) for m, text in placeholders(cfg).items()}
+    return OneLLMLM(tokenizers=tokenizers, universal=universal, upm=upm, llm=llm, media_token_ids=ids)
 
 
 def special_tokens(cfg: ModelConfig) -> list[str]:

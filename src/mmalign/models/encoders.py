@@ -68,14 +68,19 @@ class VisionEncoder(nn.Module):
         return getattr(self.tower, "vision_model", self.tower)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        x = self.encode_tokens(self._body().embeddings(pixel_values))  # CLIP: (B, 1 + patches, D); SigLIP: patches
+        if self.has_cls and not self.keep_cls:
+            x = x[:, 1:]
+        return x
+
+    def encode_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """The tower's blocks up to the feature layer over token embeddings (B, N, D) from any tokenizer: how the
+        onellm family uses an image tower as the universal encoder of every modality."""
         body = self._body()
-        x = body.embeddings(pixel_values)  # (B, 1 + patches, D) for CLIP, (B, patches, D) for SigLIP
         if hasattr(body, "pre_layrnorm"):
             x = body.pre_layrnorm(x)
         for block in body.encoder.layers[: self.num_blocks]:
             x = block(x, None)
-        if self.has_cls and not self.keep_cls:
-            x = x[:, 1:]
         return x
 
 

@@ -34,6 +34,7 @@ def resolved_model_config(cfg: ModelConfig) -> ModelConfig:
     for media in out.media.values():
         for enc in [media.encoder, *media.extra_encoders]:
             enc.path = _absolute(enc.path)
+    out.onellm.encoder.path = _absolute(out.onellm.encoder.path)
     out.llm.path = _absolute(out.llm.path)
     out.llm.tokenizer = None  # the checkpoint carries its own tokenizer/
     return out
@@ -41,11 +42,14 @@ def resolved_model_config(cfg: ModelConfig) -> ModelConfig:
 
 def reloadable_groups(cfg: ModelConfig) -> set[str]:
     """Groups whose weights load from a `path` of their own, so a checkpoint need not repeat them."""
-    groups = {
-        f"encoder.{m}"
-        for m, media in cfg.media.items()
-        if all(enc.path for enc in [media.encoder, *media.extra_encoders])
-    }
+    if cfg.family == "onellm":  # one universal encoder; the tokenizers are always the checkpoint's own
+        groups = {"encoder"} if cfg.onellm.encoder.path else set()
+    else:
+        groups = {
+            f"encoder.{m}"
+            for m, media in cfg.media.items()
+            if all(enc.path for enc in [media.encoder, *media.extra_encoders])
+        }
     return groups | ({"llm"} if cfg.llm.path else set())
 
 
