@@ -135,7 +135,7 @@ def embedded_data(
     """The files of an embedded dataset, written on first use (shapes: with its in-context episodes, added to a
     folder written before they existed)."""
     from mmalign.data.glyphs import write_glyphs_dataset
-    from mmalign.data.shapes import write_fewshot, write_shapes_dataset
+    from mmalign.data.shapes import fewshot_files, write_fewshot, write_shapes_dataset
 
     if not (folder / "qa_test.json").is_file():
         console.print(f"[bold]writing the embedded {name} dataset[/] to {folder}")
@@ -150,13 +150,10 @@ def embedded_data(
         "image_folder": folder / "images",
     }
     if name == "shapes" and n_episodes:
-        if not (folder / "interleaved_train.jsonl").is_file():
+        episodes = fewshot_files(folder)
+        if not all(p.is_file() for p in episodes.values()):
             write_fewshot(folder, n_docs=n_episodes, seed=seed)
-        files |= {
-            "episodes": folder / "interleaved_train.jsonl",
-            "support": folder / "fewshot_support.json",
-            "fewshot_test": folder / "fewshot_test.json",
-        }
+        files |= episodes
     return files
 
 
@@ -248,14 +245,14 @@ def run_quickstart(
     result = {"checkpoint": str(out / "stage2"), "train_seconds": train_seconds}
     if eval_data is not None:
         result |= held_out_table(out / "stage2", stage2.data, Path(eval_data), image_folder, name, progress, console)
-    if family == "flamingo" and "episodes" in files:
+    if family == "flamingo" and "interleaved" in files:
         stage3 = load_recipe(
             FEWSHOT_RECIPE,
             common
             + ["data.val=null", f"train.out_dir={out / 'fewshot'}", f"train.init_from={out / 'stage2'}"]
             + ([f"train.epochs={fewshot_epochs}"] if fewshot_epochs else []),
         )
-        stage3.data.train = [str(base["stage2"]), str(files["episodes"])]  # a list: not an override's text
+        stage3.data.train = [str(base["stage2"]), str(files["interleaved"])]  # a list: not an override's text
         result["fewshot"] = fewshot_stage(stage3, files, fewshot_limit, progress, console)
     result["seconds"] = time.time() - start
     stage3 = f", in context: {result['fewshot']['checkpoint']}" if "fewshot" in result else ""

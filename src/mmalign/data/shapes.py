@@ -216,6 +216,16 @@ def corpus_texts(records: list[dict]) -> list[str]:
     return [turn["value"] for rec in records for turn in rec["conversations"]]
 
 
+def fewshot_files(data_dir: str | Path) -> dict[str, Path]:
+    """Where write_fewshot puts the episodes, the support set and the few-shot test set."""
+    out = Path(data_dir)
+    return {
+        "interleaved": out / "interleaved_train.jsonl",
+        "support": out / "fewshot_support.json",
+        "fewshot_test": out / "fewshot_test.json",
+    }
+
+
 def write_fewshot(
     data_dir: str | Path, n_docs: int = 3000, n_support: int = 200, max_images: int = 9, seed: int = 0
 ) -> dict[str, str]:
@@ -259,11 +269,7 @@ def write_fewshot(
             for qtype in QUESTIONS
         ]
 
-    paths = {
-        "interleaved": out / "interleaved_train.jsonl",
-        "support": out / "fewshot_support.json",
-        "fewshot_test": out / "fewshot_test.json",
-    }
+    paths = fewshot_files(out)
     paths["interleaved"].write_text("".join(json.dumps(d) + "\n" for d in docs))
     paths["support"].write_text(json.dumps(records(rng.sample(train, min(n_support, len(train))), "support"), indent=1))
     paths["fewshot_test"].write_text(json.dumps(records(test, "fewshot"), indent=1))

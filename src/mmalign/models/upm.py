@@ -3,10 +3,12 @@ mixed per token by a modality's own router, read out at that modality's learned 
 
 For one input of modality m with universal-encoder features f (N tokens):
     x = [queries_m ; LN(W_in f)]                      (Q + N tokens)
-    w = router_m(x)                                   (Q + N, K) soft weights, each row sums to 1
+    w = router_m(x[:Q])                               (Q, K) soft weights, each row sums to 1
     y = sum_k w[:, k] * expert_k(x)                   every expert runs on every token (a soft mixture)
     out = [start_m ; LN(W_out y[:Q]) ; end_m]         Q + 2 tokens of the LLM's width
-so every modality enters the LLM as the same number of tokens between its own start and end tags.
+so every modality enters the LLM as the same number of tokens between its own start and end tags. As in OneLLM's
+code, the router reads the query positions, which hold the learned queries before the experts run: the weights are
+the modality's own, the same for every input of it.
 """
 
 from __future__ import annotations
@@ -72,9 +74,10 @@ class UniversalProjection(nn.Module):
         queries = p.queries.expand(len(feats), -1, -1).to(feats.dtype)
         return torch.cat([queries, p.proj_in(feats)], dim=1)  # (items, Q + N, dim)
 
-    def route(self, modality: str, x: torch.Tensor) -> torch.Tensor:
-        """(items, L, dim) -> (items, L, experts) mixing weights, each row summing to 1."""
-        scores = self.modal[modality].router(x)
+    def route(self, modality: str, queries: torch.Tensor) -> torch.Tensor:
+        """Query tokens (items, Q, dim) -> (items, Q, experts) mixing weights, each row summing to 1. Only the
+        queries are read out, so only they are routed."""
+        scores = self.modal[modality].router(queries)
         if self.router_kind == "softmax":
             return scores.softmax(-1)
         weights = scores.sigmoid()
@@ -82,14 +85,14 @@ class UniversalProjection(nn.Module):
 
     def router_weights(self, modality: str, feats: torch.Tensor) -> torch.Tensor:
         """The weights each query token gives each expert: (items, Q, experts), for inspection."""
-        return self.route(modality, self._inputs(modality, feats))[:, : self.num_queries]
+        return self.route(modality, self._inputs(modality, feats)[:, : self.num_queries])
 
     def forward(self, modality: str, feats: torch.Tensor) -> torch.Tensor:
         """Universal-encoder features (items, N, dim) -> LLM input tokens (items, Q + 2, out_dim)."""
-        p = self.modal[modality]
+        p, q = self.modal[modality], self.num_queries
         x = self._inputs(modality, feats)
-        weights = self.route(modality, x)[:, : self.num_queries]  # (items, Q, K): only the queries are read out
-        mixed = sum(weights[..., k : k + 1] * expert(x)[:, : self.num_queries] for k, expert in enumerate(self.experts))
+        weights = self.route(modality, x[:, :q])  # (items, Q, K)
+        mixed = sum(weights[..., k : k + 1] * expert(x)[:, :q] for k, expert in enumerate(self.experts))
         out = p.proj_out(mixed)  # (items, Q, out_dim)
         tags = [t.expand(len(out), 1, -1).to(out.dtype) for t in (p.start, p.end)]
         return torch.cat([tags[0], out, tags[1]], dim=1)
