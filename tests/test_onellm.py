@@ -65,9 +65,14 @@ def test_upm_mixes_experts_by_the_router_and_adds_tags(router):
     assert torch.equal(out[:, -1], upm.modal["a"].end.expand(2, -1))
     weights = upm.router_weights("a", feats)
     assert weights.shape == (2, 5, 3) and torch.allclose(weights.sum(-1), torch.ones(2, 5))
-    # The mixture by hand: sum_k w_k * expert_k over [queries; proj_in(features)], read at the queries.
+    # The router reads each query plus the mean input token: two inputs get their own weights.
     p = upm.modal["a"]
     x = torch.cat([p.queries.expand(2, -1, -1), p.proj_in(feats)], 1)
+    by_hand = p.router(x[:, :5] + x[:, 5:].mean(1, keepdim=True))
+    by_hand = by_hand.softmax(-1) if router == "softmax" else by_hand.sigmoid() / by_hand.sigmoid().sum(-1, True)
+    assert torch.allclose(weights, by_hand, atol=1e-6)
+    assert not torch.allclose(weights[0], weights[1], atol=1e-4)
+    # The mixture by hand: sum_k w_k * expert_k over [queries; proj_in(features)], read at the queries.
     mixed = sum(weights[..., k : k + 1] * e(x)[:, :5] for k, e in enumerate(upm.experts))
     assert torch.allclose(out[:, 1:-1], p.proj_out(mixed), atol=1e-6)
     # A router that always picks expert 2 gives expert 2's output alone; modality b's router is its own.
@@ -76,6 +81,17 @@ def test_upm_mixes_experts_by_the_router_and_adds_tags(router):
         p.router[-1].bias.copy_(torch.tensor([-30.0, -30.0, 30.0]))
     assert torch.allclose(upm("a", feats)[:, 1:-1], p.proj_out(upm.experts[2](x)[:, :5]), atol=1e-5)
     assert not torch.allclose(upm("b", feats)[:, 1:-1], upm.modal["b"].proj_out(upm.experts[2](x)[:, :5]))
+
+
+def test_upm_routing_on_bare_queries_gives_one_set_of_weights_per_modality():
+    """OneLLM's released code: the router reads the learned queries only, so every input gets the same weights."""
+    torch.manual_seed(0)
+    upm = UniversalProjection(8, 6, ["a", "b"], num_queries=5, heads=2, route_on="queries").eval()
+    weights = upm.router_weights("a", torch.randn(3, 7, 8))
+    assert torch.allclose(weights[0], weights[1]) and torch.allclose(weights[0], weights[2])
+    assert not torch.allclose(weights[0], upm.router_weights("b", torch.randn(1, 7, 8))[0])
+    with pytest.raises(ValueError, match="route_on='pooled'"):
+        UniversalProjection(8, 6, ["a"], route_on="pooled")
 
 
 def test_onellm_aligns_images_and_reloads(base, shapes, tmp_path):
@@ -99,7 +115,7 @@ def test_onellm_aligns_images_and_reloads(base, shapes, tmp_path):
     assert torch.equal(first, again(ids, media={"image": pixels})["logits"])
 
 
-class SignalTokenizer(nn.Module):
+class ToyTokenizer(nn.Module):
     """A 16-value signal as 4 tokens of 4 values each, projected to the universal encoder's width."""
 
     def __init__(self, universal, settings):
@@ -111,49 +127,49 @@ class SignalTokenizer(nn.Module):
         return self.proj(x.view(len(x), 4, 4))
 
 
-def load_signal(source):
+def load_toy(source):
     values = np.load(source) if not isinstance(source, np.ndarray) else source
     if values.shape != (16,) or not np.isfinite(values).all():
         raise MediaError(f"a signal is 16 finite values; got shape {values.shape}")
     return values
 
 
-SIGNAL = Modality(
-    name="signal",
-    placeholder="<signal>",
-    record_key="signal",
+TOY = Modality(
+    name="toy",
+    placeholder="<toy>",
+    record_key="toy",
     default_encoder="none",
-    load=load_signal,
+    load=load_toy,
     preprocess=lambda raw, tokenizer: torch.tensor(raw, dtype=torch.float32),
-    tokenizer=SignalTokenizer,
+    tokenizer=ToyTokenizer,
 )
 
 
 def test_a_modality_registered_in_the_test_trains_beside_images(base, shapes, tmp_path, monkeypatch):
-    monkeypatch.setitem(MODALITIES._builders, "signal", SIGNAL)
+    monkeypatch.setitem(MODALITIES._builders, "toy", TOY)
     rng = np.random.default_rng(0)
     records = []
     for i in range(64):  # the answer is the sign of the signal's mean
         values = rng.normal(1.0 if i % 2 else -1.0, 0.5, 16).astype(np.float32)
         np.save(tmp_path / f"s{i}.npy", values)
-        records.append({"id": f"sig-{i}", "signal": f"s{i}.npy", "conversations": [
-            {"from": "human", "value": "<signal>\nwhat size is the shape ?"},
+        records.append({"id": f"sig-{i}", "toy": f"s{i}.npy", "conversations": [
+            {"from": "human", "value": "<toy>\nwhat size is the shape ?"},
             {"from": "gpt", "value": "large" if i % 2 else "small"}]})  # fmt: skip
     images = json.loads(open(shapes["conversations"]).read())[:32]
     for r in images:  # absolute image paths, so one media folder serves both modalities
         r["image"] = f"{shapes['images']}/{r['image']}"
-    records.append({"id": "bad", "signal": "s0.npy", "conversations": [
-        {"from": "human", "value": "<signal><signal>\nwhat size ?"}, {"from": "gpt", "value": "small"}]})  # fmt: skip
+    records.append({"id": "bad", "toy": "s0.npy", "conversations": [
+        {"from": "human", "value": "<toy><toy>\nwhat size ?"}, {"from": "gpt", "value": "small"}]})  # fmt: skip
     (tmp_path / "mixed.json").write_text(json.dumps(records + images))
-    cfg = onellm_recipe(base, tmp_path, {"image": {}, "signal": {}}, str(tmp_path / "mixed.json"), tmp_path, epochs=6)
+    cfg = onellm_recipe(base, tmp_path, {"image": {}, "toy": {}}, str(tmp_path / "mixed.json"), tmp_path, epochs=6)
     train(cfg)
     seen = losses(tmp_path / "run")
     assert np.mean(seen[-3:]) < 0.6 * np.mean(seen[:3])
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["skipped"] == 6  # two placeholders, one signal: skipped and counted in each of 6 epochs
+    assert summary["skipped"] == 6  # two placeholders, one toy item: skipped and counted in each of 6 epochs
     model, _, _ = load_checkpoint(tmp_path / "run")
-    signal = torch.tensor(np.stack([np.load(tmp_path / f"s{i}.npy") for i in range(4)]))
-    weights = model.router_weights("signal", signal)
+    toy = torch.tensor(np.stack([np.load(tmp_path / f"s{i}.npy") for i in range(4)]))
+    weights = model.router_weights("toy", toy)
     assert weights.shape == (4, 4, 3) and torch.allclose(weights.sum(-1), torch.ones(4, 4))
 
 

@@ -50,7 +50,9 @@ def quickstart(
         "projector",
         help="Alignment family: projector (LLaVA-style) or flamingo (Perceiver Resampler + gated cross-attention, "
         "encoder and LM frozen; writes runs/quickstart_flamingo; on the embedded shapes data it adds stage 3, "
-        "in-context episodes, and a table of accuracy per number of shots).",
+        "in-context episodes, and a table of accuracy per number of shots) or onellm (the embedded multimodal data: "
+        "image, video, audio, point cloud, depth, IMU, signal; the onellm_curriculum recipe; a table of accuracy per "
+        "modality; writes runs/quickstart_onellm).",
     ),
     vision: str = typer.Option(
         "auto",
@@ -78,6 +80,14 @@ def quickstart(
     _quiet_transformers()
     from mmalign.quickstart import check_family, run_quickstart
 
+    if family == "onellm":
+        from mmalign.quickstart_onellm import run_onellm_quickstart
+
+        if data:
+            raise typer.BadParameter("--family onellm runs on the embedded multimodal data; --data is not read")
+        out = Path("runs/quickstart_onellm") if out == Path("runs/quickstart") else out
+        run_onellm_quickstart(out, seed=seed, progress=progress, console=console)
+        return
     if dataset not in ("shapes", "glyphs"):
         raise typer.BadParameter(f"unknown dataset {dataset!r}; embedded: shapes, glyphs")
     try:
@@ -116,7 +126,12 @@ def data_cmd(
     dataset: str = typer.Option(
         "shapes",
         help="shapes (coloured shapes, with a word-level tokenizer) or glyphs (two drawn digits on textures, six "
-        "question types of 2 to 10 answers; no tokenizer: it stands in for a user's own data).",
+        "question types of 2 to 10 answers; no tokenizer: it stands in for a user's own data) or multimodal (per "
+        "modality: real files, captions, 3-turn conversations and held-out questions, and one word-level tokenizer; "
+        "writes data/multimodal by default).",
+    ),
+    modalities: str = typer.Option(
+        None, help="multimodal: comma-separated modalities to write (default: every one with a generator)."
     ),
     episodes: int = typer.Option(
         8000,
@@ -133,8 +148,14 @@ def data_cmd(
         from mmalign.data.glyphs import write_glyphs_dataset
 
         paths = write_glyphs_dataset(out, n_train, n_val, n_test, image_size, seed)
+    elif dataset == "multimodal":
+        from mmalign.data.multimodal import write_multimodal_dataset
+
+        out = Path("data/multimodal") if out == Path("data/shapes") else out
+        names = modalities.split(",") if modalities else None
+        paths = write_multimodal_dataset(out, names, n_train=n_train, n_test=n_test, seed=seed)
     else:
-        raise typer.BadParameter(f"unknown dataset {dataset!r}; embedded: shapes, glyphs")
+        raise typer.BadParameter(f"unknown dataset {dataset!r}; embedded: shapes, glyphs, multimodal")
     console.print_json(json.dumps(paths))
 
 
@@ -256,7 +277,11 @@ def train(
     resume: bool = typer.Option(False, help="Continue the stopped run in train.out_dir from its last checkpoint."),
     print_config: bool = typer.Option(False, help="Print the resolved config and exit."),
 ) -> None:
-    """Train a recipe. Extra arguments `key=value` override any config key, e.g. `train.lr=2e-5 train.finetune=lora`."""
+    """Train a recipe. Extra arguments `key=value` override any config key, e.g. `train.lr=2e-5 train.finetune=lora`.
+
+    A recipe with `stages` is a curriculum: a table of what each stage trains and freezes is printed first, then the
+    stages run in order under train.out_dir/<n>-<name>, each from the last one's weights (--resume skips finished
+    stages)."""
     _quiet_transformers()
     from mmalign.config import load_recipe, save_yaml, to_dict
     from mmalign.train.loop import train as run
@@ -268,6 +293,13 @@ def train(
         console.print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         return
     save_yaml(cfg, Path(cfg.train.out_dir) / "train_config.yaml")
+    if cfg.stages:
+        from mmalign.train.curriculum import run_curriculum
+
+        summaries = run_curriculum(cfg, resume=resume, console=console)
+        keys = ("stage", "checkpoint", "steps", "loss")
+        console.print_json(json.dumps([{k: s.get(k) for k in keys} for s in summaries]))
+        return
     summary = run(cfg, resume=resume, console=console)
     console.print_json(json.dumps(summary))
 

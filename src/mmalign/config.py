@@ -132,6 +132,11 @@ class OneLLMConfig:
     router: Literal["softmax", "sigmoid"] = _f(
         "softmax", "router weights: softmax over experts (paper) | sigmoid then normalised to sum 1 (released code)"
     )
+    route_on: Literal["tokens", "queries"] = _f(
+        "tokens",
+        "what the router reads: each query plus the mean input token (weights follow the input, as the paper) | "
+        "the bare queries (one set of weights per modality, as OneLLM's released code)",
+    )
 
 
 @dataclass
@@ -160,6 +165,9 @@ class ModelConfig:
 class DataConfig:
     train: str | list[str] = _f(
         "", "LLaVA-format JSON/JSONL for training, or a list of them mixed into one set (`[a.json,b.jsonl]`)"
+    )
+    train_fractions: list[float] = _f(
+        [], "share of each train file used, one per file (0.25: a seeded quarter; 2: two passes); empty: all of each"
     )
     val: str | None = _f(None, "LLaVA-format JSON/JSONL for validation loss")
     image_folder: str = _f("", "folder that media paths (`image`, `audio`, ...) are relative to")
@@ -213,10 +221,29 @@ class TrainConfig:
 
 
 @dataclass
+class StageConfig:
+    """One stage of a curriculum: its data, what it trains (all else frozen) and how long. Each stage starts from
+    the previous stage's checkpoint and writes its own under train.out_dir/<number>-<name>."""
+
+    name: str = _f("stage", "the stage's name (its run folder is train.out_dir/<number>-<name>)")
+    data: list[str] = _f([], "this stage's training files (LLaVA JSON/JSONL)")
+    replay: float = _f(
+        0.0, "earlier stages' data mixed in, as a share of this stage's sample count (a seeded subset)", ge=0.0
+    )
+    trainable: list[str] = _f([], "parameter groups this stage trains, all others frozen; empty: train.trainable")
+    epochs: float | None = _f(None, "passes over this stage's data (replay included); None: train.epochs", gt=0.0)
+    lr: float | None = _f(None, "peak learning rate; None: train.lr", gt=0.0)
+    overrides: list[str] = _f([], "any other key=value for this stage only (e.g. train.batch_size=32)")
+
+
+@dataclass
 class RecipeConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    stages: list[StageConfig] = _f(
+        [], "a curriculum: stages run in order, each from the last one's weights (data.train is then unused)"
+    )
 
 
 # --------------------------------------------------------------------------------------------- (de)serialising
@@ -445,6 +472,10 @@ def describe(cls: type = RecipeConfig, prefix: str = "") -> list[tuple[str, str,
             continue
         if typing.get_origin(hint) is dict and dataclasses.is_dataclass(item):
             rows += describe(item, f"{prefix}{f.name}.<modality>.")
+            continue
+        if typing.get_origin(hint) is list and dataclasses.is_dataclass(item):
+            rows.append((prefix + f.name, "[]", f.metadata.get("help", "")))
+            rows += describe(item, f"{prefix}{f.name}.<n>.")
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         help_text = f.metadata.get("help", "")

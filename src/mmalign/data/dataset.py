@@ -3,6 +3,7 @@ so the training loop decides (skip and count, or save and stop) and a DataLoader
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import torch
@@ -15,13 +16,24 @@ from mmalign.data.processor import Processor, SampleError, parse_record, read_re
 class ConversationDataset(Dataset):
     """LLaVA conversations and interleaved documents from one file or several mixed (records in file order)."""
 
-    def __init__(self, path: str | Path | list[str | Path], media_folder: str | Path, processor: Processor):
+    def __init__(
+        self,
+        path: str | Path | list[str | Path],
+        media_folder: str | Path,
+        processor: Processor,
+        fractions: list[float] | None = None,
+        seed: int = 0,
+    ):
         paths = path if isinstance(path, list) else [path]
+        fractions = fractions or [1.0] * len(paths)
+        if len(fractions) != len(paths):
+            raise ValueError(f"{len(fractions)} data fractions for {len(paths)} training files: give one per file")
         self.records, self.sources = [], []  # sources: (file, index in it), so errors point into the right file
-        for p in paths:
+        for n, (p, fraction) in enumerate(zip(paths, fractions, strict=True)):
             records = read_records(p)
-            self.records += records
-            self.sources += [(str(p) if len(paths) > 1 else None, i) for i in range(len(records))]
+            keep = subset(len(records), fraction, seed * 1_000_003 + n)
+            self.records += [records[i] for i in keep]
+            self.sources += [(str(p) if len(paths) > 1 else None, i) for i in keep]
         self.media_folder = Path(media_folder)
         self.processor = processor
 
@@ -37,6 +49,14 @@ class ConversationDataset(Dataset):
         except SampleError as err:
             return {"id": err.sample_id, "error": f"{source}: {err}" if source else str(err)}
         return {"id": conv.id, "input_ids": input_ids, "labels": labels, "media": media}
+
+
+def subset(n: int, fraction: float, seed: int) -> list[int]:
+    """Indices of a seeded `fraction` of n records: whole copies for the integer part, then a random subset
+    (replay of an earlier stage's data may take less or more than one pass over it)."""
+    whole, part = divmod(fraction, 1.0)
+    extra = sorted(random.Random(seed).sample(range(n), round(part * n))) if part else []
+    return list(range(n)) * int(whole) + extra
 
 
 def collate_media(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

@@ -4,8 +4,9 @@ and evaluation look modalities up here and never name one themselves."""
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,21 @@ from mmalign.registry import Registry
 
 class MediaError(ValueError):
     """A media input that cannot be used (missing, unreadable, wrong kind)."""
+
+
+@dataclass(frozen=True)
+class Synthetic:
+    """A modality's procedural generator for the embedded data: one random item with the answers it determines.
+
+    `make(rng) -> (raw, answers)`: a raw item (what `save` writes and `load` reads back) and {question type:
+    one-word answer}. `save(raw, path)` writes it as a real file named with `suffix` (".gif", ".wav", ".npy").
+    `questions` holds a few phrasings per question type; `caption(answers, rng)` a one-line description."""
+
+    make: Callable[[random.Random], tuple[Any, dict[str, str]]]
+    save: Callable[[Any, Path], None]
+    suffix: str
+    questions: dict[str, list[str]]
+    caption: Callable[[dict[str, str], random.Random], str]
 
 
 @dataclass(frozen=True)
@@ -34,6 +50,8 @@ class Modality:
     # preprocessed items (items, ...) into tokens of the universal encoder's width (items, num_tokens, width).
     # The module carries the attributes `preprocess` reads, as an encoder would. None: no onellm support.
     tokenizer: Callable[[Any, dict], Any] | None = None
+    # The embedded data's generator (captions and question-answer conversations); None: no synthetic data.
+    synthetic: Synthetic | None = field(default=None, compare=False)
 
     def resolve(self, source: Any, folder: str | Path = "") -> Any:
         """A record's relative path resolved against the media folder; arrays and bytes pass through."""

@@ -1,9 +1,11 @@
-"""The image modality: load and validate a raw input, preprocess it into a normalised tensor for its encoder."""
+"""The image modality: load and validate a raw input, preprocess it into a normalised tensor for its encoder, the
+onellm tokenizer (the tower's own patch embedding), and the embedded data's generator (a shapes scene)."""
 
 from __future__ import annotations
 
 import copy
 import io
+import random
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +13,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch import nn
 
-from mmalign.modalities.base import MediaError, Modality, register_modality
+from mmalign.data.shapes import ATTRIBUTES, CAPTION_PREFIXES, QUESTIONS, draw_scene, random_scene
+from mmalign.modalities.base import MediaError, Modality, Synthetic, register_modality
 
 
 def load_image(source: str | Path | bytes | np.ndarray | Image.Image) -> Image.Image:
@@ -72,6 +75,19 @@ def image_tokenizer(universal, settings: dict) -> ImageTokenizer:
     return ImageTokenizer(universal)
 
 
+def synth_image(rng: random.Random, size: int = 64) -> tuple[Image.Image, dict[str, str]]:
+    """A shapes scene (1-3 objects sharing colour, shape and size, on one side) and its answers."""
+    scene = random_scene(rng)
+    return draw_scene(scene, rng, size), {q: scene.answer(q) for q in ATTRIBUTES}
+
+
+def image_caption(answers: dict[str, str], rng: random.Random) -> str:
+    noun = answers["shape"] + ("s" if answers["count"] != "one" else "")
+    return f"{rng.choice(CAPTION_PREFIXES)}{answers['count']} {answers['size']} {answers['color']} {noun} on the " + (
+        answers["position"]
+    )
+
+
 IMAGE = register_modality(
     Modality(
         name="image",
@@ -81,5 +97,12 @@ IMAGE = register_modality(
         load=load_image,
         preprocess=preprocess_for,
         tokenizer=image_tokenizer,
+        synthetic=Synthetic(
+            make=synth_image,
+            save=lambda img, path: img.save(path),
+            suffix=".png",
+            questions=QUESTIONS,
+            caption=image_caption,
+        ),
     )
 )

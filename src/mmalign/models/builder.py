@@ -9,6 +9,7 @@ from mmalign.constants import END_OF_CHUNK
 from mmalign.modalities import get_modality
 from mmalign.models import connectors as _connectors  # noqa: F401  (registers connectors)
 from mmalign.models import encoders as _encoders  # noqa: F401  (registers encoders)
+from mmalign.models import token_encoder as _token_encoder  # noqa: F401  (registers modality-transformer)
 from mmalign.models.encoders import FusedEncoder
 from mmalign.models.flamingo import FlamingoLM
 from mmalign.models.llm import load_llm, load_tokenizer
@@ -72,11 +73,12 @@ def apply_lora(llm: nn.Module, lora: LoraConfig) -> nn.Module:
     return get_peft_model(llm, config)
 
 
-def build_encoder(media: MediaConfig) -> nn.Module:
+def build_encoder(media: MediaConfig, modality: str) -> nn.Module:
     """A modality's encoder; with extra encoders, all of them fused per token."""
     encoders = [
         ENCODERS.build(
             enc.name,
+            modality=modality,
             path=enc.path,
             preset=enc.preset,
             config=enc.config,
@@ -99,7 +101,7 @@ def build_projector(cfg: ModelConfig, tokenizer) -> MultimodalLM:
     llm = load_llm(cfg.llm, tokenizer)
     check_llm(llm)
     hidden = llm.get_input_embeddings().embedding_dim
-    encoders = {m: build_encoder(media) for m, media in cfg.media.items()}
+    encoders = {m: build_encoder(media, m) for m, media in cfg.media.items()}
     connectors = {
         m: CONNECTORS.build(
             media.connector.name, in_dim=encoders[m].hidden_size, out_dim=hidden, bias=media.connector.bias
@@ -119,7 +121,7 @@ def build_flamingo(cfg: ModelConfig, tokenizer) -> FlamingoLM:
     llm = load_llm(cfg.llm, tokenizer)
     check_llm(llm)
     fl = cfg.flamingo
-    encoders = {m: build_encoder(media) for m, media in cfg.media.items()}
+    encoders = {m: build_encoder(media, m) for m, media in cfg.media.items()}
     media_dim = next(iter(encoders.values())).hidden_size  # the first modality's width; others map into it
     resamplers = {
         m: PerceiverResampler(
@@ -166,6 +168,7 @@ def build_onellm(cfg: ModelConfig, tokenizer) -> OneLLMLM:
         heads=oc.expert_heads,
         router_hidden=oc.router_hidden,
         router=oc.router,
+        route_on=oc.route_on,
     )
     if cfg.lora is not None:
         llm = apply_lora(llm, cfg.lora)

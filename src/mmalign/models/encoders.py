@@ -121,12 +121,12 @@ def _build(family: str, path: str | None, preset: str | None, config: dict, feat
 
 
 @register_encoder("clip")
-def clip_encoder(*, path=None, preset=None, config=None, feature_layer=-2, keep_cls=False) -> VisionEncoder:
+def clip_encoder(*, path=None, preset=None, config=None, feature_layer=-2, keep_cls=False, **_) -> VisionEncoder:
     return _build("clip", path, preset, config or {}, feature_layer, keep_cls)
 
 
 @register_encoder("siglip")
-def siglip_encoder(*, path=None, preset=None, config=None, feature_layer=-2, keep_cls=False) -> VisionEncoder:
+def siglip_encoder(*, path=None, preset=None, config=None, feature_layer=-2, keep_cls=False, **_) -> VisionEncoder:
     return _build("siglip", path, preset, config or {}, feature_layer, keep_cls)
 
 

@@ -3,12 +3,13 @@ mixed per token by a modality's own router, read out at that modality's learned 
 
 For one input of modality m with universal-encoder features f (N tokens):
     x = [queries_m ; LN(W_in f)]                      (Q + N tokens)
-    w = router_m(x[:Q])                               (Q, K) soft weights, each row sums to 1
+    w = router_m(x[:Q] + mean(x[Q:]))                 (Q, K) soft weights, each row sums to 1
     y = sum_k w[:, k] * expert_k(x)                   every expert runs on every token (a soft mixture)
     out = [start_m ; LN(W_out y[:Q]) ; end_m]         Q + 2 tokens of the LLM's width
-so every modality enters the LLM as the same number of tokens between its own start and end tags. As in OneLLM's
-code, the router reads the query positions, which hold the learned queries before the experts run: the weights are
-the modality's own, the same for every input of it.
+so every modality enters the LLM as the same number of tokens between its own start and end tags. The router
+reads each query plus the mean of the input's tokens (`route_on="tokens"`, the default), so the weights depend on
+the input as the paper describes. OneLLM's released code routes the bare queries (`route_on="queries"`): there the
+weights are the modality's own, the same for every input of it.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from torch import nn
 
 ROUTERS = ("softmax", "sigmoid")
+ROUTE_ON = ("tokens", "queries")
 
 
 class ModalityProjection(nn.Module):
@@ -45,11 +47,14 @@ class UniversalProjection(nn.Module):
         heads: int = 4,
         router_hidden: int = 0,
         router: str = "softmax",
+        route_on: str = "tokens",
     ):
         super().__init__()
         if router not in ROUTERS:
             raise ValueError(f"router={router!r}: choose one of {', '.join(ROUTERS)}")
-        self.router_kind = router
+        if route_on not in ROUTE_ON:
+            raise ValueError(f"route_on={route_on!r}: choose one of {', '.join(ROUTE_ON)}")
+        self.router_kind, self.route_on = router, route_on
         self.num_queries = num_queries
         # Bidirectional pre-norm blocks (OneLLM's experts are LLaMA blocks without a causal mask).
         self.experts = nn.ModuleList(
@@ -74,9 +79,12 @@ class UniversalProjection(nn.Module):
         queries = p.queries.expand(len(feats), -1, -1).to(feats.dtype)
         return torch.cat([queries, p.proj_in(feats)], dim=1)  # (items, Q + N, dim)
 
-    def route(self, modality: str, queries: torch.Tensor) -> torch.Tensor:
-        """Query tokens (items, Q, dim) -> (items, Q, experts) mixing weights, each row summing to 1. Only the
-        queries are read out, so only they are routed."""
+    def route(self, modality: str, x: torch.Tensor) -> torch.Tensor:
+        """The experts' input [queries; tokens] (items, Q + N, dim) -> (items, Q, experts) mixing weights, each row
+        summing to 1. Only the queries are read out, so only they are routed."""
+        queries = x[:, : self.num_queries]
+        if self.route_on == "tokens":
+            queries = queries + x[:, self.num_queries :].mean(1, keepdim=True)
         scores = self.modal[modality].router(queries)
         if self.router_kind == "softmax":
             return scores.softmax(-1)
@@ -85,13 +93,13 @@ class UniversalProjection(nn.Module):
 
     def router_weights(self, modality: str, feats: torch.Tensor) -> torch.Tensor:
         """The weights each query token gives each expert: (items, Q, experts), for inspection."""
-        return self.route(modality, self._inputs(modality, feats)[:, : self.num_queries])
+        return self.route(modality, self._inputs(modality, feats))
 
     def forward(self, modality: str, feats: torch.Tensor) -> torch.Tensor:
         """Universal-encoder features (items, N, dim) -> LLM input tokens (items, Q + 2, out_dim)."""
         p, q = self.modal[modality], self.num_queries
         x = self._inputs(modality, feats)
-        weights = self.route(modality, x[:, :q])  # (items, Q, K)
+        weights = self.route(modality, x)  # (items, Q, K)
         mixed = sum(weights[..., k : k + 1] * expert(x)[:, :q] for k, expert in enumerate(self.experts))
         out = p.proj_out(mixed)  # (items, Q, out_dim)
         tags = [t.expand(len(out), 1, -1).to(out.dtype) for t in (p.start, p.end)]

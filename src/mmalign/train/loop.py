@@ -55,7 +55,9 @@ class LMObjective(Objective):
             self.saved_groups = sorted({groups[name] for name in loaded if name in groups})
         processor = processor_for(self.model, self.tokenizer, cfg.data)
         self.collate = Collator(self.tokenizer.pad_token_id)
-        self.train_ds = ConversationDataset(cfg.data.train, cfg.data.image_folder, processor)
+        self.train_ds = ConversationDataset(
+            cfg.data.train, cfg.data.image_folder, processor, cfg.data.train_fractions, t.seed
+        )
         self.val_loader = None
         if cfg.data.val:
             val_ds = ConversationDataset(cfg.data.val, cfg.data.image_folder, processor)

@@ -1,0 +1,160 @@
+"""`mmalign quickstart --family onellm`: the embedded multimodal data, stage 0 (tokenizer, image tower, LM), the
+onellm curriculum (image first, then the other modalities with replay, then instruction tuning over all), and one
+table of held-out accuracy per modality against a blind baseline and the majority answer, with image accuracy right
+after the image stage beside it (what the later stages kept)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from mmalign.config import load_recipe
+from mmalign.data.multimodal import modality_files, synthetic_modalities, write_multimodal_dataset
+
+CURRICULUM = "onellm_curriculum"
+
+
+def multimodal_data(folder: Path, n_train: int, n_test: int, seed: int, console: Console, progress: bool) -> dict:
+    """The embedded multimodal files, written on first use."""
+    modalities = synthetic_modalities()
+    files = {m: modality_files(folder, m) for m in modalities}
+    if not all(p.is_file() for f in files.values() for p in f.values()) or not (folder / "tokenizer").is_dir():
+        console.print(f"[bold]writing the embedded multimodal data[/] ({', '.join(modalities)}) to {folder}")
+        write_multimodal_dataset(folder, modalities, n_train=n_train, n_test=n_test, seed=seed, progress=progress)
+    return files
+
+
+def stage0(folder: Path, files: dict, out: Path, *, vision_steps: int, lm_steps: int, seed: int, console, progress):
+    """The universal encoder's start (an image tower aligned by LiT to the locked MiniLM on the image captions)
+    and a tiny LM pretrained on every modality's text, with the data's word-level tokenizer."""
+    from mmalign.contrastive.train import train_lit
+    from mmalign.train.pretrain import pretrain_lm
+
+    lit = train_lit(files["image"]["captions"], out / "contrastive", image_folder=folder, steps=vision_steps,
+                    seed=seed, console=console, progress=progress)  # fmt: skip
+    shutil.copytree(lit["image_encoder"], out / "encoder", dirs_exist_ok=True)
+    recall = lit["retrieval"]["image_to_text_R@1"]
+    console.print(f"image tower (LiT, {lit['pairs']} pairs): held-out image-to-text R@1 {recall:.0%}")
+    texts = [f[k] for f in files.values() for k in ("captions", "conversations")]
+    lm = pretrain_lm(texts, folder / "tokenizer", out / "lm", steps=lm_steps, seed=seed, console=console,
+                     progress=progress)  # fmt: skip
+    console.print(f"LM: loss {lm['first_loss']:.2f} -> {lm['last_loss']:.2f}")
+    return {"encoder": out / "encoder", "lm": out / "lm"}
+
+
+def curriculum_recipe(recipe: str, folder: Path, base: dict, out: Path, seed: int, progress: bool, epochs=None):
+    """The shipped curriculum pointed at this run's data, stage-0 parts and output folder."""
+    cfg = load_recipe(
+        recipe,
+        [
+            f"model.llm.path={base['lm']}",
+            f"model.onellm.encoder.path={base['encoder']}",
+            f"data.image_folder={folder}",
+            f"train.out_dir={out}",
+            f"train.seed={seed}",
+            f"train.progress={str(progress).lower()}",
+        ],
+    )
+    for stage in cfg.stages:
+        stage.data = [str(folder / Path(f).name) for f in stage.data]
+        stage.epochs = epochs or stage.epochs
+    return cfg
+
+
+def evaluate_modalities(checkpoint: Path, data_cfg, files: dict, folder: Path, *, modalities, limit, progress):
+    """{modality: {model, blind, majority, n, by_type}} on each modality's held-out questions."""
+    from mmalign.data.processor import processor_for
+    from mmalign.evaluate import evaluate_vqa, majority_baseline
+    from mmalign.train.checkpoint import load_checkpoint
+
+    model, tokenizer, _ = load_checkpoint(checkpoint)
+    processor = processor_for(model, tokenizer, data_cfg)
+    out = {}
+    for m in modalities:
+        test = files[m]["test"]
+        seen = evaluate_vqa(model, processor, test, folder, limit=limit, progress=progress)
+        blind = evaluate_vqa(model, processor, test, folder, blind=True, limit=limit, progress=progress)
+        out[m] = {
+            "model": seen["accuracy"],
+            "blind": blind["accuracy"],
+            "majority": majority_baseline(test)["all"],
+            "n": seen["n"],
+            "by_type": {t: a for t, (a, _) in seen["by_type"].items()},
+        }
+    return out
+
+
+def accuracy_table(final: dict, image_stage: float | None, title: str) -> Table:
+    table = Table(title=title)
+    for col in ("modality", "n", "model", "blind (zeroed input)", "majority answer", "per question type"):
+        table.add_column(col, justify="left" if col in ("modality", "per question type") else "right")
+    for m, r in final.items():
+        kept = f" (after the image stage: {image_stage:.1%})" if m == "image" and image_stage is not None else ""
+        table.add_row(
+            m,
+            str(r["n"]),
+            f"{r['model']:.1%}{kept}",
+            f"{r['blind']:.1%}",
+            f"{r['majority']:.1%}",
+            ", ".join(f"{t} {a:.0%}" for t, a in r["by_type"].items()),
+        )
+    return table
+
+
+def run_onellm_quickstart(
+    out: str | Path = "runs/quickstart_onellm",
+    data_dir: str | Path = "data/multimodal",
+    *,
+    recipe: str = CURRICULUM,
+    n_train: int = 2000,
+    n_test: int = 100,
+    vision_steps: int = 600,
+    lm_steps: int = 400,
+    epochs: float | None = None,
+    limit: int | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    console: Console | None = None,
+) -> dict:
+    """Data, stage 0, the curriculum, and the per-modality table. The size arguments shrink the run (tests use
+    them); the defaults are what the README reports."""
+    from mmalign.train.curriculum import run_curriculum
+
+    console = console or Console()
+    out, folder = Path(out), Path(data_dir)
+    start = time.time()
+    files = multimodal_data(folder, n_train, n_test, seed, console, progress)
+    console.print("[bold]stage 0[/]: the image tower that becomes the universal encoder, and the LM")
+    base = stage0(folder, files, out / "base", vision_steps=vision_steps, lm_steps=lm_steps, seed=seed,
+                  console=console, progress=progress)  # fmt: skip
+    cfg = curriculum_recipe(recipe, folder, base, out / "curriculum", seed, progress, epochs)
+    summaries = run_curriculum(cfg, console=console)
+    train_seconds = time.time() - start
+    modalities = [m for m in cfg.model.media if m in files]
+    first = Path(summaries[0]["checkpoint"])
+    image_stage = None
+    if "image" in modalities:
+        early = evaluate_modalities(first, cfg.data, files, folder, modalities=["image"], limit=limit,
+                                    progress=progress)  # fmt: skip
+        image_stage = early["image"]["model"]
+    final_checkpoint = Path(summaries[-1]["checkpoint"])
+    final = evaluate_modalities(final_checkpoint, cfg.data, files, folder, modalities=modalities, limit=limit,
+                                progress=progress)  # fmt: skip
+    title = f"held-out accuracy per modality after the {len(cfg.stages)}-stage curriculum (inputs never seen before)"
+    console.print(accuracy_table(final, image_stage, title))
+    result = {
+        "checkpoint": str(final_checkpoint),
+        "stages": [s["checkpoint"] for s in summaries],
+        "modalities": final,
+        "image_after_image_stage": image_stage,
+        "train_seconds": train_seconds,
+        "seconds": time.time() - start,
+    }
+    console.print(f"time: {result['seconds']:.0f} s (training {train_seconds:.0f} s); checkpoint: {final_checkpoint}")
+    (out / "results.json").write_text(json.dumps(result, indent=1))
+    return result
