@@ -83,8 +83,9 @@ def synth_image(rng: random.Random, size: int = 64) -> tuple[Image.Image, dict[s
 
 def image_caption(answers: dict[str, str], rng: random.Random) -> str:
     noun = answers["shape"] + ("s" if answers["count"] != "one" else "")
-    return f"{rng.choice(CAPTION_PREFIXES)}{answers['count']} {answers['size']} {answers['color']} {noun} on the " + (
-        answers["position"]
+    return (
+        f"{rng.choice(CAPTION_PREFIXES)}{answers['count']} {answers['size']} {answers['color']} {noun} on the "
+        + (answers["position"])
     )
 
 
