@@ -3,8 +3,6 @@ of earlier data, print the plan, and skip finished stages on resume."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from rich.console import Console
@@ -24,7 +22,7 @@ from mmalign.config import (
     apply_overrides,
 )
 from mmalign.data.dataset import subset
-from mmalign.train.curriculum import run_curriculum, stage_recipe
+from mmalign.train.curriculum import compact, run_curriculum, stage_recipe
 
 
 def curriculum(base, shapes, tmp_path, **stage2) -> RecipeConfig:
@@ -48,6 +46,12 @@ def curriculum(base, shapes, tmp_path, **stage2) -> RecipeConfig:
     )
 
 
+def test_the_plan_names_groups_compactly():
+    every = ["encoder", "tokenizer.image", "tokenizer.video", "tokenizer.audio", "connector.experts", "connector.image"]
+    assert compact(["tokenizer.image", "connector.experts", "connector.image"], every) == "tokenizer.image, connector.*"
+    assert compact(["encoder", "tokenizer.video", "tokenizer.audio"], every) == "encoder, tokenizer.{video, audio}"
+
+
 def test_subset_takes_a_seeded_share_and_whole_passes():
     assert subset(10, 1.0, 0) == list(range(10))
     quarter = subset(100, 0.25, 3)
@@ -69,7 +73,7 @@ def test_stages_chain_freeze_replay_and_resume(base, shapes, tmp_path):
     console = Console(record=True, width=200)
     summaries = run_curriculum(cfg, console=console)
     plan = console.export_text()
-    assert "tokenizer.image, connector.experts, connector.image" in plan  # stage 1 trains
+    assert "tokenizer.image, connector.*" in plan  # stage 1 trains
     assert "40 + 20" in plan  # stage 2: 40 conversations + 20 replayed captions
     assert [s["stage"] for s in summaries] == ["captions", "chat"]
     first = load_file(str(tmp_path / "run" / "1-captions" / "model.safetensors"))
@@ -103,5 +107,5 @@ def test_the_shipped_curriculum_loads_and_names_every_stage_group():
 
     cfg = load_recipe("onellm_curriculum")
     assert [s.name for s in cfg.stages] == ["image", "video-audio-point", "depth-imu-signal", "instruct"]
-    assert json.dumps(cfg.stages[-1].trainable) == '["connector", "llm"]'
+    assert cfg.stages[-1].trainable == ["tokenizer", "connector", "llm"]
     assert set(cfg.model.media) == {"image", "video", "audio", "point", "depth", "imu", "signal"}

@@ -99,3 +99,18 @@ def test_the_token_encoder_wraps_a_modality_tokenizer_and_reloads(tmp_path):
         token_encoder(modality="imu", path=str(tmp_path / "enc"))
     with pytest.raises(TypeError):
         TokenEncoder("point", tokenizer={"num_pionts": 100})
+
+
+def test_the_data_command_writes_chosen_modalities(tmp_path):
+    from typer.testing import CliRunner
+
+    from mmalign.cli import app
+
+    out = tmp_path / "mm"
+    res = CliRunner().invoke(app, ["data", "--dataset", "multimodal", "--modalities", "point,imu", "--out", str(out),
+                                   "--n-train", "4", "--n-test", "2"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["imu", "point", "tokenizer"]
+    assert len(read_records(out / "point_conversations_train.json")) == 4
+    res = CliRunner().invoke(app, ["data", "--dataset", "multimodal", "--modalities", "smell", "--out", str(out)])
+    assert res.exit_code != 0 and "smell" in str(res.exception)

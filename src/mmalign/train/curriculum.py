@@ -48,6 +48,27 @@ def stage_recipe(cfg: RecipeConfig, index: int, counts: dict[str, int]) -> Recip
     return out
 
 
+def compact(groups: list[str], every: list[str]) -> str:
+    """Group names shortened for the plan table: `connector.*` when every group under a prefix is listed,
+    `tokenizer.{video, audio}` for some of them."""
+    parts, done = [], set()
+    for g in groups:
+        head = g.split(".")[0]
+        if "." not in g or head in done:
+            parts += [] if head in done else [g]
+            continue
+        done.add(head)
+        mine = [x for x in groups if x.startswith(head + ".")]
+        siblings = [x for x in every if x.startswith(head + ".")]
+        if len(mine) == len(siblings) and len(mine) > 1:
+            parts.append(f"{head}.*")
+        elif len(mine) == 1:
+            parts.append(mine[0])
+        else:
+            parts.append(head + ".{" + ", ".join(x[len(head) + 1 :] for x in mine) + "}")
+    return ", ".join(parts)
+
+
 def plan_table(cfg: RecipeConfig, recipes: list[RecipeConfig], counts: dict[str, int]) -> Table:
     """Stage by stage: its samples (new + replayed), what trains and what stays frozen, by declared group."""
     from mmalign.models.builder import build_model
@@ -70,8 +91,8 @@ def plan_table(cfg: RecipeConfig, recipes: list[RecipeConfig], counts: dict[str,
         table.add_row(
             stage.name,
             f"{new} + {replay}",
-            ", ".join(trained),
-            ", ".join(frozen) or "-",
+            compact(trained, list(sizes)),
+            compact(frozen, list(sizes)) or "-",
             f"{sum(sizes[g] for g in trained):,}",
         )
     return table

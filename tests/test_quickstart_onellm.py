@@ -1,0 +1,35 @@
+"""`mmalign quickstart --family onellm` end to end at a tiny size: every modality written, stage 0, the shipped
+curriculum's four stages, and the per-modality table with its baselines and the image accuracy after stage 1."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from rich.console import Console
+from safetensors.torch import load_file
+
+from mmalign.data.multimodal import synthetic_modalities
+from mmalign.quickstart_onellm import run_onellm_quickstart
+
+
+@pytest.mark.slow
+def test_onellm_quickstart_runs_the_curriculum_and_reports_every_modality(tmp_path):
+    console = Console(record=True, width=200)
+    result = run_onellm_quickstart(tmp_path / "out", tmp_path / "data", n_train=24, n_test=3, vision_steps=10,
+                                   lm_steps=20, epochs=1, seed=0, progress=False, console=console)  # fmt: skip
+    modalities = synthetic_modalities()
+    assert set(result["modalities"]) == set(modalities)
+    for row in result["modalities"].values():
+        assert row["n"] > 0 and 0.0 <= row["model"] <= 1.0 and 0.0 <= row["blind"] <= 1.0
+    assert result["image_after_image_stage"] is not None
+    stages = [p.split("/")[-1] for p in result["stages"]]
+    assert stages == ["1-image", "2-video-audio-point", "3-depth-imu-signal", "4-instruct"]
+    # Stage 2 trains the video tokenizer and leaves the image tokenizer as stage 1 left it.
+    first, second = (load_file(f"{p}/model.safetensors") for p in result["stages"][:2])
+    image_keys = [k for k in first if k.startswith("encoders.image.")]
+    assert image_keys and all((first[k] == second[k]).all() for k in image_keys)
+    assert any(not (first[k] == second[k]).all() for k in second if k.startswith("encoders.video."))
+    text = console.export_text()
+    assert all(m in text for m in modalities) and "after the image stage" in text
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["checkpoint"] == result["checkpoint"]
