@@ -4,12 +4,14 @@ and evaluation look modalities up here and never name one themselves."""
 
 from __future__ import annotations
 
+import io
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from mmalign.registry import Registry
@@ -17,6 +19,42 @@ from mmalign.registry import Registry
 
 class MediaError(ValueError):
     """A media input that cannot be used (missing, unreadable, wrong kind)."""
+
+
+def require_file(source: str | Path, kind: str) -> Path:
+    """`source` as a Path to an existing file, else MediaError "<kind> file not found"."""
+    path = Path(source)
+    if not path.is_file():
+        raise MediaError(f"{kind} file not found: {path}")
+    return path
+
+
+def read_bytes(source: str | Path | bytes, kind: str) -> tuple[bytes, str]:
+    """(content, name for messages) of bytes ("<bytes>") or of a file path that must exist."""
+    if isinstance(source, bytes):
+        return source, "<bytes>"
+    path = require_file(source, kind)
+    return path.read_bytes(), str(path)
+
+
+def load_npy(source: bytes | Path | io.BytesIO, name: str, what: str) -> np.ndarray:
+    """One array from NPY bytes, a path or a buffer, without pickles, else MediaError "<name>: unreadable <what>"."""
+    try:
+        array = np.load(io.BytesIO(source) if isinstance(source, bytes) else source, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:
+        raise MediaError(f"{name}: unreadable {what}: {err}") from err
+    if not isinstance(array, np.ndarray):
+        raise MediaError(f"{name}: expected one array, got {type(array).__name__}")
+    return array
+
+
+def is_number(cell: str) -> bool:
+    """Whether a CSV cell parses as a float."""
+    try:
+        float(cell)
+    except ValueError:
+        return False
+    return True
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torch import nn
 
-from mmalign.modalities.base import MediaError, Modality, Synthetic, register_modality
+from mmalign.modalities.base import MediaError, Modality, Synthetic, load_npy, register_modality, require_file
 
 MILLIMETRE_MODES = {"I;16", "I;16L", "I;16B", "I"}  # a 16-bit greyscale PNG (older Pillow opens it as "I")
 COLOUR_MODES = {"RGB", "RGBA", "RGBX", "P", "PA", "CMYK", "YCbCr", "LAB", "HSV"}
@@ -63,16 +63,6 @@ def _load_png(source: Path | io.BytesIO, name: str) -> np.ndarray:
     return pixels.astype(np.float32) / np.float32(1000.0)  # millimetres -> metres
 
 
-def _load_npy(source: Path | io.BytesIO, name: str) -> np.ndarray:
-    try:
-        depth = np.load(source, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as err:
-        raise MediaError(f"unreadable .npy depth map {name}: {err}") from err
-    if not isinstance(depth, np.ndarray):
-        raise MediaError(f"{name}: expected one array, got {type(depth).__name__}")
-    return depth
-
-
 def load_depth(source: str | Path | bytes | np.ndarray) -> np.ndarray:
     """A depth map in metres, float32 (H, W), from a .npy file (metres), a 16-bit PNG (millimetres), their bytes,
     or a float array (H, W)."""
@@ -80,14 +70,12 @@ def load_depth(source: str | Path | bytes | np.ndarray) -> np.ndarray:
         return _check_depth(source, "depth array")
     if isinstance(source, bytes):
         buf = io.BytesIO(source)
-        depth = _load_npy(buf, "<bytes>") if source[:6] == b"\x93NUMPY" else _load_png(buf, "<bytes>")
+        depth = load_npy(buf, "<bytes>", ".npy depth map") if source[:6] == b"\x93NUMPY" else _load_png(buf, "<bytes>")
         return _check_depth(depth, "<bytes>")
-    path = Path(source)
-    if not path.is_file():
-        raise MediaError(f"depth map file not found: {path}")
+    path = require_file(source, "depth map")
     suffix = path.suffix.lower()
     if suffix == ".npy":
-        depth = _load_npy(path, str(path))
+        depth = load_npy(path, str(path), ".npy depth map")
     elif suffix == ".png":
         depth = _load_png(path, str(path))
     else:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mmalign.modalities.base import MediaError, Modality, Synthetic, register_modality
+from mmalign.modalities.base import MediaError, Modality, Synthetic, is_number, load_npy, read_bytes, register_modality
 
 COLUMNS = ("acc_x", "acc_y", "acc_z", "gyro_x", "gyro_y", "gyro_z")
 TIME_COLUMNS = ("time", "timestamp")
@@ -52,14 +52,6 @@ def _check_signal(values: np.ndarray, name: str) -> np.ndarray:
     return np.ascontiguousarray(values)
 
 
-def _is_number(cell: str) -> bool:
-    try:
-        float(cell)
-    except ValueError:
-        return False
-    return True
-
-
 def _parse_csv(text: str, name: str) -> np.ndarray:
     """The 6 IMU columns of a CSV text, in COLUMNS order; rows are named by their line in the file."""
     reader = csv.reader(io.StringIO(text))
@@ -67,7 +59,7 @@ def _parse_csv(text: str, name: str) -> np.ndarray:
     if not rows:
         raise MediaError(f"{name}: empty IMU file (no samples)")
     order, width = list(range(6)), 6
-    if not all(_is_number(c) for c in rows[0][1]):
+    if not all(is_number(c) for c in rows[0][1]):
         header = [c.lower() for c in rows.pop(0)[1]]
         skip = 1 if header[0] in TIME_COLUMNS else 0
         names = header[skip:]
@@ -97,19 +89,9 @@ def load_imu(source: str | Path | bytes | np.ndarray) -> np.ndarray:
     NPY bytes, or an array. The file kind is read from its content, not its name."""
     if isinstance(source, np.ndarray):
         return _check_signal(source, "IMU array")
-    if isinstance(source, bytes):
-        data, name = source, "<bytes>"
-    else:
-        path = Path(source)
-        if not path.is_file():
-            raise MediaError(f"IMU file not found: {path}")
-        data, name = path.read_bytes(), str(path)
+    data, name = read_bytes(source, "IMU")
     if data.startswith(b"\x93NUMPY"):
-        try:
-            values = np.load(io.BytesIO(data), allow_pickle=False)
-        except (ValueError, OSError, EOFError) as err:
-            raise MediaError(f"{name}: unreadable NPY IMU recording: {err}") from err
-        return _check_signal(values, name)
+        return _check_signal(load_npy(data, name, "NPY IMU recording"), name)
     try:
         if b"\x00" in data[:4096]:
             raise UnicodeDecodeError("utf-8", data, 0, 1, "NUL byte")

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mmalign.modalities.base import MediaError, Modality, Synthetic, register_modality
+from mmalign.modalities.base import MediaError, Modality, Synthetic, load_npy, read_bytes, register_modality
 
 PLY_TYPES = {
     "char": "i1", "int8": "i1", "uchar": "u1", "uint8": "u1", "short": "i2", "int16": "i2", "ushort": "u2",
@@ -133,18 +133,9 @@ def load_point(source: str | Path | bytes | np.ndarray) -> np.ndarray:
     bytes, or an array. The file kind is read from its content, not its name."""
     if isinstance(source, np.ndarray):
         return _check_cloud(source, "point cloud array")
-    if isinstance(source, bytes):
-        data, name = source, "<bytes>"
-    else:
-        path = Path(source)
-        if not path.is_file():
-            raise MediaError(f"point cloud file not found: {path}")
-        data, name = path.read_bytes(), str(path)
+    data, name = read_bytes(source, "point cloud")
     if data.startswith(b"\x93NUMPY"):
-        try:
-            points = np.load(io.BytesIO(data), allow_pickle=False)
-        except (ValueError, OSError, EOFError) as err:
-            raise MediaError(f"{name}: unreadable NPY point cloud: {err}") from err
+        points = load_npy(data, name, "NPY point cloud")
     elif data[:4] in (b"ply\n", b"ply\r"):
         points = _parse_ply(data, name)
     else:

@@ -24,7 +24,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from mmalign.modalities.base import MediaError, Modality, Synthetic, register_modality
+from mmalign.modalities.base import (
+    MediaError,
+    Modality,
+    Synthetic,
+    is_number,
+    load_npy,
+    register_modality,
+    require_file,
+)
 
 CHANNELS, LENGTH = 16, 32
 REGIONS = ("visual", "auditory", "motor", "memory")  # channels 0-3, 4-7, 8-11, 12-15
@@ -64,14 +72,6 @@ def _check_signal(values: np.ndarray, name: str) -> np.ndarray:
     return np.ascontiguousarray(values, dtype=np.float32)
 
 
-def _is_number(cell: str) -> bool:
-    try:
-        float(cell)
-    except ValueError:
-        return False
-    return True
-
-
 def _parse_csv(data: bytes, name: str) -> np.ndarray:
     """Rows are time points, columns channels -> (T, C) float64; rows are named by their line in the file."""
     if b"\x00" in data[:4096]:
@@ -82,7 +82,7 @@ def _parse_csv(data: bytes, name: str) -> np.ndarray:
         raise MediaError(f"{name}: not a signal CSV (not UTF-8 text)") from err
     reader = csv.reader(io.StringIO(text))
     rows = [(reader.line_num, [c.strip() for c in row]) for row in reader if any(c.strip() for c in row)]
-    if rows and not any(_is_number(c) for c in rows[0][1]):
+    if rows and not any(is_number(c) for c in rows[0][1]):
         rows.pop(0)  # a header of channel names
     if not rows:
         raise MediaError(f"{name}: empty signal (no rows of numbers)")
@@ -103,10 +103,7 @@ def _load_npy(data: bytes, name: str) -> np.ndarray:
     if not data.startswith(b"\x93NUMPY"):
         kind = next((k for magic, k in _OTHER_KINDS.items() if data.startswith(magic)), "not a NumPy array")
         raise MediaError(f"{name}: not a .npy signal ({kind})")
-    try:
-        return np.load(io.BytesIO(data), allow_pickle=False)
-    except (ValueError, OSError, EOFError) as err:
-        raise MediaError(f"{name}: unreadable .npy signal: {err}") from err
+    return load_npy(data, name, ".npy signal")
 
 
 def load_signal(source: str | Path | bytes | np.ndarray | torch.Tensor) -> np.ndarray:
@@ -122,9 +119,7 @@ def load_signal(source: str | Path | bytes | np.ndarray | torch.Tensor) -> np.nd
         return _check_signal(values, name)
     if not isinstance(source, str | Path):
         raise MediaError(f"a signal must be a path, bytes or an array, got {type(source).__name__}")
-    path = Path(source)
-    if not path.is_file():
-        raise MediaError(f"signal file not found: {path}")
+    path = require_file(source, "signal")
     suffix = path.suffix.lower()
     if suffix not in (".npy", ".csv"):
         raise MediaError(f"{path}: unsupported signal format {suffix or '(no extension)'!r} (expected .npy or .csv)")

@@ -22,7 +22,7 @@ import torch
 from PIL import Image, ImageSequence, UnidentifiedImageError
 from torch import nn
 
-from mmalign.modalities.base import MediaError, Modality, Synthetic, register_modality
+from mmalign.modalities.base import MediaError, Modality, Synthetic, load_npy, register_modality, require_file
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -81,16 +81,6 @@ def _load_folder(folder: Path) -> np.ndarray:
     return _stack(frames, str(folder))
 
 
-def _load_npy(source: Path | io.BytesIO, name: str) -> np.ndarray:
-    try:
-        frames = np.load(source, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as err:
-        raise MediaError(f"unreadable .npy video {name}: {err}") from err
-    if not isinstance(frames, np.ndarray):
-        raise MediaError(f"{name}: expected one array, got {type(frames).__name__}")
-    return frames
-
-
 def _load_container(source: Path | io.BytesIO, name: str) -> np.ndarray:
     try:
         import av
@@ -116,18 +106,17 @@ def load_video(source: str | Path | bytes | np.ndarray) -> np.ndarray:
         if source[:4] == b"GIF8":
             return _check_frames(_load_gif(buf, name), name)
         if source[:6] == b"\x93NUMPY":
-            return _check_frames(_load_npy(buf, name), name)
+            return _check_frames(load_npy(buf, name, ".npy video"), name)
         return _check_frames(_load_container(buf, name), name)
     path = Path(source)
     if path.is_dir():
         return _check_frames(_load_folder(path), str(path))
-    if not path.is_file():
-        raise MediaError(f"video file not found: {path}")
+    path = require_file(path, "video")
     suffix = path.suffix.lower()
     if suffix == ".gif":
         frames = _load_gif(path, str(path))
     elif suffix == ".npy":
-        frames = _load_npy(path, str(path))
+        frames = load_npy(path, str(path), ".npy video")
     elif suffix in CONTAINER_SUFFIXES:
         frames = _load_container(path, str(path))
     else:
