@@ -1,5 +1,6 @@
-"""`mmalign quickstart --family onellm` end to end at a tiny size: every modality written, stage 0, the shipped
-curriculum's four stages, and the per-modality table with its baselines and the image accuracy after stage 1."""
+"""`mmalign quickstart --family onellm --compare` end to end at a tiny size: every modality written, stage 0, the
+shipped curriculum's four stages, the per-modality table with its baselines and the image accuracy after stage 1,
+and the same curriculum for the projector family beside it."""
 
 from __future__ import annotations
 
@@ -16,8 +17,9 @@ from mmalign.quickstart_onellm import run_onellm_quickstart
 @pytest.mark.slow
 def test_onellm_quickstart_runs_the_curriculum_and_reports_every_modality(tmp_path):
     console = Console(record=True, width=200)
-    result = run_onellm_quickstart(tmp_path / "out", tmp_path / "data", n_train=24, n_test=3, vision_steps=10,
-                                   lm_steps=20, epochs=1, seed=0, progress=False, console=console)  # fmt: skip
+    sizes = dict(n_train=24, n_test=3, vision_steps=10, lm_steps=20, epochs=1)
+    result = run_onellm_quickstart(tmp_path / "out", tmp_path / "data", **sizes, compare=True, progress=False,
+                                   console=console)  # fmt: skip
     modalities = synthetic_modalities()
     assert set(result["modalities"]) == set(modalities)
     for row in result["modalities"].values():
@@ -33,3 +35,10 @@ def test_onellm_quickstart_runs_the_curriculum_and_reports_every_modality(tmp_pa
     text = console.export_text()
     assert all(m in text for m in modalities) and "after the image stage" in text
     assert json.loads((tmp_path / "out" / "results.json").read_text())["checkpoint"] == result["checkpoint"]
+    # The projector twin: one encoder and MLP per modality; the image tower frozen, the other encoders trained.
+    twin = result["projector"]
+    assert set(twin["modalities"]) == set(modalities) and "wins" in text
+    assert twin["trained_params"]["projector"] > 0 and twin["trained_params"]["onellm"] > 0
+    saved = load_file(f"{twin['checkpoint']}/model.safetensors")
+    assert any(k.startswith("encoders.video.") for k in saved)
+    assert not any(k.startswith("encoders.image.") for k in saved)  # the frozen tower reloads from its path

@@ -60,6 +60,11 @@ def quickstart(
         "(contrastive vs the locked pretrained MiniLM), data2vec (self-distillation, no text), supervised (shapes "
         "attributes; embedded shapes only).",
     ),
+    compare: bool = typer.Option(
+        False,
+        help="--family onellm: also run the same curriculum with the projector family (one encoder and MLP per "
+        "modality, same data and budget) and print both side by side.",
+    ),
     seed: int = typer.Option(0, help="Seed for data, initialisation and order."),
     progress: bool = typer.Option(True, help="Show progress bars."),
 ) -> None:
@@ -86,7 +91,7 @@ def quickstart(
         if data:
             raise typer.BadParameter("--family onellm runs on the embedded multimodal data; --data is not read")
         out = Path("runs/quickstart_onellm") if out == Path("runs/quickstart") else out
-        run_onellm_quickstart(out, seed=seed, progress=progress, console=console)
+        run_onellm_quickstart(out, compare=compare, seed=seed, progress=progress, console=console)
         return
     if dataset not in ("shapes", "glyphs"):
         raise typer.BadParameter(f"unknown dataset {dataset!r}; embedded: shapes, glyphs")

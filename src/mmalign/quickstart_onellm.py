@@ -66,6 +66,38 @@ def curriculum_recipe(recipe: str, folder: Path, base: dict, out: Path, seed: in
     return cfg
 
 
+def projector_twin(cfg, encoder: Path, out: Path):
+    """The same curriculum for the projector family: per modality its own encoder (image: the stage-0 tower,
+    frozen; the others: their tokenizer plus a small transformer, trained from scratch where the onellm family
+    trains that modality's tokenizer) and its own MLP connector; same data, stages, epochs and learning rates."""
+    import copy
+
+    from mmalign.config import ConnectorConfig, EncoderConfig, MediaConfig
+
+    twin = copy.deepcopy(cfg)
+    twin.model.family = "projector"
+    fresh = EncoderConfig(name="modality-transformer", config={"dim": 64, "depth": 2, "heads": 4})
+    twin.model.media = {
+        m: MediaConfig(
+            encoder=EncoderConfig(name="clip", path=str(encoder), feature_layer=-2) if m == "image" else fresh,
+            connector=ConnectorConfig("mlp2x_gelu"),
+        )
+        for m in cfg.model.media
+    }
+    twin.train.out_dir = str(out)
+    for stage in twin.stages:
+        groups = []
+        for g in stage.trainable:
+            if g == "tokenizer":  # every modality's tokenizer -> every trainable (non-image) encoder
+                groups += [f"encoder.{m}" for m in cfg.model.media if m != "image"]
+            elif g.startswith("tokenizer."):
+                groups += [] if g == "tokenizer.image" else ["encoder." + g.split(".", 1)[1]]
+            else:
+                groups.append(g)
+        stage.trainable = groups
+    return twin
+
+
 def evaluate_modalities(checkpoint: Path, data_cfg, files: dict, folder: Path, *, modalities, limit, progress):
     """{modality: {model, blind, majority, n, by_type}} on each modality's held-out questions."""
     from mmalign.data.processor import processor_for
@@ -87,6 +119,29 @@ def evaluate_modalities(checkpoint: Path, data_cfg, files: dict, folder: Path, *
             "by_type": {t: a for t, (a, _) in seen["by_type"].items()},
         }
     return out
+
+
+def side_by_side(onellm: dict, projector: dict, params: dict[str, int]) -> Table:
+    """Held-out accuracy per modality for both families, the winner, and the parameters each family trained."""
+    table = Table(title="the same curriculum, data and budget: onellm vs projector family (held-out accuracy)")
+    for col in ("modality", "onellm", "projector", "wins"):
+        table.add_column(col, justify="left" if col in ("modality", "wins") else "right")
+    for m in onellm:
+        a, b = onellm[m]["model"], projector[m]["model"]
+        table.add_row(m, f"{a:.1%}", f"{b:.1%}", "onellm" if a > b else "projector" if b > a else "tie")
+    table.add_row("trained params", f"{params['onellm']:,}", f"{params['projector']:,}", "")
+    return table
+
+
+def trained_parameters(checkpoint: Path, stages: list) -> int:
+    """Parameters any stage of a curriculum trained, counted once."""
+    from mmalign.train.checkpoint import load_checkpoint
+    from mmalign.train.freeze import count_parameters, select_groups
+
+    model, _, _ = load_checkpoint(checkpoint)
+    sizes = {g: total for g, (_, total) in count_parameters(model).items()}
+    trained = {g for s in stages for g in select_groups(model, s.trainable)}
+    return sum(sizes[g] for g in trained)
 
 
 def accuracy_table(final: dict, image_stage: float | None, title: str) -> Table:
@@ -117,11 +172,13 @@ def run_onellm_quickstart(
     lm_steps: int = 400,
     epochs: float | None = None,
     limit: int | None = None,
+    compare: bool = False,
     seed: int = 0,
     progress: bool = True,
     console: Console | None = None,
 ) -> dict:
-    """Data, stage 0, the curriculum, and the per-modality table. The size arguments shrink the run (tests use
+    """Data, stage 0, the curriculum, and the per-modality table; with `compare`, the same curriculum for the
+    projector family on the same stage 0, and a side-by-side table. The size arguments shrink the run (tests use
     them); the defaults are what the README reports."""
     from mmalign.train.curriculum import run_curriculum
 
@@ -155,6 +212,18 @@ def run_onellm_quickstart(
         "train_seconds": train_seconds,
         "seconds": time.time() - start,
     }
+    if compare:
+        console.print("[bold]the projector family[/] on the same curriculum (one encoder and MLP per modality)")
+        twin = projector_twin(cfg, base["encoder"], out / "projector")
+        twin_summaries = run_curriculum(twin, console=console)
+        twin_final = Path(twin_summaries[-1]["checkpoint"])
+        other = evaluate_modalities(twin_final, twin.data, files, folder, modalities=modalities, limit=limit,
+                                    progress=progress)  # fmt: skip
+        params = {"onellm": trained_parameters(final_checkpoint, cfg.stages),
+                  "projector": trained_parameters(twin_final, twin.stages)}  # fmt: skip
+        console.print(side_by_side(final, other, params))
+        result["projector"] = {"checkpoint": str(twin_final), "modalities": other, "trained_params": params}
+    result["seconds"] = time.time() - start
     console.print(f"time: {result['seconds']:.0f} s (training {train_seconds:.0f} s); checkpoint: {final_checkpoint}")
     (out / "results.json").write_text(json.dumps(result, indent=1))
     return result
