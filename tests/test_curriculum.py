@@ -63,10 +63,10 @@ def test_subset_takes_a_seeded_share_and_whole_passes():
 
 def test_stages_chain_freeze_replay_and_resume(base, shapes, tmp_path):
     cfg = curriculum(base, shapes, tmp_path, replay=0.5)
-    counts = {shapes["captions"]: 40, shapes["conversations"]: 40}
+    counts = {shapes["captions"]: 40, shapes["conversations"]: 20}
     second = stage_recipe(cfg, 1, counts)
     assert second.data.train == [shapes["conversations"], shapes["captions"]]
-    assert second.data.train_fractions == [1.0, 0.5]  # half as many replayed captions as new conversations
+    assert second.data.train_fractions == [1.0, 0.25]  # 10 replayed captions: half as many as the 20 new samples
     assert second.train.init_from == str(tmp_path / "run" / "1-captions")
     assert second.train.trainable == ["connector"]
 
