@@ -51,12 +51,18 @@ class ConversationDataset(Dataset):
         return {"id": conv.id, "input_ids": input_ids, "labels": labels, "media": media}
 
 
+def subset_size(n: int, fraction: float) -> int:
+    """How many records `subset` takes: whole passes for the integer part, then the rounded remainder."""
+    whole, part = divmod(fraction, 1.0)
+    return int(whole) * n + round(part * n)
+
+
 def subset(n: int, fraction: float, seed: int) -> list[int]:
     """Indices of a seeded `fraction` of n records: whole copies for the integer part, then a random subset
     (replay of an earlier stage's data may take less or more than one pass over it)."""
-    whole, part = divmod(fraction, 1.0)
-    extra = sorted(random.Random(seed).sample(range(n), round(part * n))) if part else []
-    return list(range(n)) * int(whole) + extra
+    whole = int(fraction)
+    extra = sorted(random.Random(seed).sample(range(n), subset_size(n, fraction) - whole * n))
+    return list(range(n)) * whole + extra
 
 
 def collate_media(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from mmalign.config import ConfigError, RecipeConfig, StageConfig, apply_overrides, check_recipe, save_yaml
+from mmalign.data.dataset import subset_size
 from mmalign.data.processor import read_records
 from mmalign.train.trainer import TRAINER_STATE
 
@@ -83,7 +84,7 @@ def plan_table(cfg: RecipeConfig, recipes: list[RecipeConfig], counts: dict[str,
         trained = select_groups(model, recipe.train.trainable)
         new = sum(counts[f] for f in stage.data)
         replay = sum(
-            round(frac % 1 * counts[f]) + int(frac) * counts[f]
+            subset_size(counts[f], frac)
             for f, frac in zip(recipe.data.train, recipe.data.train_fractions, strict=True)
             if f not in stage.data
         )
