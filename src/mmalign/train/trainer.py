@@ -107,6 +107,10 @@ class Objective(nn.Module):
     def after_step(self, progress: float) -> None:
         """E.g. clamp a temperature or move an EMA teacher; progress in (0, 1]."""
 
+    def figures(self) -> dict[str, float]:
+        """Extra figures logged with the losses (e.g. multi-task loss weights)."""
+        return {}
+
     def describe(self) -> str:
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
         return f"{self.name}: {trainable:,} trainable parameters"
@@ -289,7 +293,9 @@ class Trainer:
                     shown = " ".join(f"{n} {v:.4f}" for n, v in losses.items())
                     bar.update(task, advance=1, info=f"{shown} lr {lr:.2e}")
                     if (cfg.log_every and step % cfg.log_every == 0) or step == self.total_steps:
-                        self._log({"step": step, "loss": sum(losses.values()), **losses, "lr": lr})
+                        self._log(
+                            {"step": step, "loss": sum(losses.values()), **losses, "lr": lr, **self.objective.figures()}
+                        )
                     if cfg.eval_every and step % cfg.eval_every == 0 and step < self.total_steps:
                         self._evaluate()
                     if cfg.save_every and step % cfg.save_every == 0 and step < self.total_steps:

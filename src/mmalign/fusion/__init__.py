@@ -1,0 +1,1 @@
+"""Multimodal classification: fusion modules, a classifier over any encoders, and its training objective."""

@@ -1,0 +1,214 @@
+"""The classifier as an objective of the one Trainer: per-task cross-entropy, task sampling, loss weighting, the
+soft-sharing penalty, held-out accuracy per task, and a run folder that reloads as a model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+
+from mmalign.config import save_yaml
+from mmalign.data.processor import SampleError
+from mmalign.fusion.classifier import MultimodalClassifier, modality_dropout
+from mmalign.fusion.config import ClassifierRecipe, check_classifier, load_classifier_recipe
+from mmalign.fusion.data import Labelled, label_classes, load_labelled
+from mmalign.multitask.sampling import TaskSampler
+from mmalign.multitask.weighting import build_weighting
+from mmalign.train.trainer import OBJECTIVE_WEIGHTS, Objective, Trainer, batch_generator
+
+RECIPE_FILE, CLASSES_FILE = "classifier.yaml", "classes.json"
+
+
+class TooManyBadSamples(RuntimeError):
+    pass
+
+
+def task_classes(cfg: ClassifierRecipe) -> dict[str, list[str]]:
+    classes = label_classes(cfg.data.train)
+    unknown = sorted(set(cfg.model.tasks) - set(classes))
+    if unknown:
+        raise ValueError(f"model.tasks names {unknown}, but {cfg.data.train} labels only {sorted(classes)}")
+    chosen = cfg.model.tasks or classes
+    return {t: classes[t] for t in sorted(chosen)}
+
+
+class ClassifierObjective(Objective):
+    name = "classify"
+
+    def __init__(self, cfg: ClassifierRecipe, console: Console | None = None):
+        super().__init__()
+        check_classifier(cfg)
+        self.cfg, self.out = cfg, Path(cfg.train.out_dir)
+        console = console or Console()
+        self.model = MultimodalClassifier(cfg.model, task_classes(cfg))
+        self.tasks = self.model.tasks
+        self.weighting = build_weighting(cfg.multitask.weighting, self.tasks, **self._weighting_settings())
+        encoders = {m: self.model.encoder(m) for m in self.model.modalities}
+        progress = cfg.train.progress
+        self.train_data = load_labelled(cfg.data.train, encoders, self.model.classes, cfg.data.folder, progress)
+        self._report_errors(self.train_data, console)
+        self.pools = self._task_pools()
+        sizes = {t: len(p) for t, p in self.pools.items()}
+        empty = [t for t, n in sizes.items() if n == 0]
+        if empty:
+            raise ValueError(f"no usable training sample is labelled for task(s) {empty}")
+        self.everything = torch.unique(torch.cat(list(self.pools.values())))
+        self.sampler = None
+        if cfg.multitask.sampling != "all":
+            self.sampler = TaskSampler(sizes, cfg.multitask.sampling, cfg.multitask.temperature)
+            console.print(f"task sampling: {self.sampler.describe()}")
+        self.val_data = None
+        if cfg.data.val:
+            self.val_data = load_labelled(cfg.data.val, encoders, self.model.classes, cfg.data.folder, progress)
+            self._report_errors(self.val_data, console)
+        self._accum = 1
+
+    def _weighting_settings(self) -> dict:
+        mt = self.cfg.multitask
+        if mt.weighting == "fixed":
+            return {"weights": {t: self.cfg.model.tasks[t].weight for t in self.tasks if t in self.cfg.model.tasks}}
+        if mt.weighting == "gradnorm":
+            return {"alpha": mt.gradnorm_alpha}
+        return {}
+
+    def _report_errors(self, data: Labelled, console: Console) -> None:
+        if not data.errors:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        with open(self.out / "skipped.jsonl", "a") as fh:
+            fh.writelines(json.dumps(e) + "\n" for e in data.errors)
+        first = data.errors[0]
+        if self.cfg.data.on_error == "raise":
+            raise SampleError(first["id"], first["error"].split(": ", 1)[-1])
+        total = len(data.errors) + len(data)
+        console.print(f"[yellow]skipped {len(data.errors)} of {total} samples[/] (first: {first['error']}); "
+                      f"all listed in {self.out / 'skipped.jsonl'}")  # fmt: skip
+        if len(data.errors) / total > self.cfg.data.max_skip_fraction:
+            raise TooManyBadSamples(
+                f"{len(data.errors)} of {total} samples were bad (> data.max_skip_fraction="
+                f"{self.cfg.data.max_skip_fraction}); see {self.out / 'skipped.jsonl'}"
+            )
+
+    def _task_pools(self) -> dict[str, torch.Tensor]:
+        """Each task's training rows: those labelled for it, cut to tasks.<t>.max_samples. Labels outside a
+        task's pool are hidden, so sampling=all cannot see more of a task than its budget."""
+        pools = {}
+        for t in self.tasks:
+            rows = torch.nonzero(self.train_data.labels[t] >= 0).flatten()
+            limit = self.cfg.model.tasks[t].max_samples if t in self.cfg.model.tasks else 0
+            if limit:
+                rows = rows[:limit]
+                hidden = torch.ones(len(self.train_data), dtype=torch.bool)
+                hidden[rows] = False
+                self.train_data.labels[t][hidden] = -1
+            pools[t] = rows
+        return pools
+
+    # ------------------------------------------------------------------------------------------ data + loss
+    def steps_per_epoch(self, batch_size: int) -> int:
+        return -(-len(self.everything) // batch_size)
+
+    def batches(self, state: dict, cfg, log):
+        self._accum = cfg.grad_accum
+        while True:
+            generator = batch_generator(cfg.seed, state["cursor"])
+            if self.sampler is None:
+                tasks, pool = self.tasks, self.everything
+            else:
+                task = self.sampler.task_for(state["cursor"], generator)
+                tasks, pool = [task], self.pools[task]
+            state["cursor"] += 1
+            batch = self.train_data.rows(pool[torch.randint(len(pool), (cfg.batch_size,), generator=generator)])
+            batch["present"] = modality_dropout(batch["present"], self.cfg.model.modality_dropout, generator)
+            batch["labels"] = {t: batch["labels"][t] for t in tasks}
+            yield batch
+
+    def counts(self, batch: dict) -> dict[str, int]:
+        return {t: int((y >= 0).sum()) for t, y in batch["labels"].items()}
+
+    def losses(self, batch: dict) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+        out = self.model(batch["media"], batch["present"], list(batch["labels"]))
+        sums = {
+            t: F.cross_entropy(out["logits"][t].float(), y, ignore_index=-1, reduction="sum")
+            for t, y in batch["labels"].items()
+        }
+        return sums, out["shared"]
+
+    def backward(self, batch: dict, window: dict[str, int], autocast) -> dict[str, float]:
+        with autocast:
+            sums, shared = self.losses(batch)
+        total = self.weighting({t: s / window[t] for t, s in sums.items()}, shared)
+        if self.cfg.model.sharing == "soft":  # once per optimizer step, however many micro-batches
+            total = total + self.cfg.model.soft_penalty * self.model.penalty() / self._accum
+        total.backward()
+        return {t: s.item() for t, s in sums.items()}
+
+    def after_step(self, progress: float) -> None:
+        self.weighting.after_step()
+
+    def figures(self) -> dict[str, float]:
+        row = {f"weight_{t}": w for t, w in self.weighting.weights().items()}
+        if self.cfg.model.sharing == "soft":
+            with torch.no_grad():
+                row["soft_penalty"] = float(self.model.penalty())
+        return row
+
+    def describe(self) -> str:
+        params = sum(p.numel() for p in self.model.parameters())
+        return f"{self.cfg.model.fusion.name} fusion, {self.cfg.model.sharing} sharing, tasks {self.tasks}, " \
+               f"{params:,} parameters"  # fmt: skip
+
+    def evaluate(self) -> dict[str, float]:
+        if self.val_data is None:
+            return {}
+        return {f"val_{t}": acc for t, acc in accuracy(self.model, self.val_data).items()}
+
+    def save(self, out: Path, step: int) -> None:
+        super().save(out, step)
+        save_yaml(self.cfg, out / RECIPE_FILE)
+        (out / CLASSES_FILE).write_text(json.dumps(self.model.classes, indent=1))
+
+
+@torch.no_grad()
+def accuracy(model: MultimodalClassifier, data: Labelled, hide: tuple[str, ...] = (), batch_size: int = 256) -> dict:
+    """Held-out accuracy per task; modalities in `hide` are masked off every sample (as if missing)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    correct, total = {t: 0 for t in model.tasks}, {t: 0 for t in model.tasks}
+    for start in range(0, len(data), batch_size):
+        batch = data.rows(torch.arange(start, min(start + batch_size, len(data))))
+        media = {m: x.to(device) for m, x in batch["media"].items()}
+        present = {m: (p & (m not in hide)).to(device) for m, p in batch["present"].items()}
+        logits = model(media, present)["logits"]
+        for t, y in batch["labels"].items():
+            seen = y >= 0
+            correct[t] += int((logits[t].argmax(-1).cpu()[seen] == y[seen]).sum())
+            total[t] += int(seen.sum())
+    model.train(was_training)
+    return {t: correct[t] / total[t] for t in model.tasks if total[t]}
+
+
+def train_classifier(cfg: ClassifierRecipe, resume: bool = False, console: Console | None = None) -> dict:
+    torch.manual_seed(cfg.train.seed)
+    objective = ClassifierObjective(cfg, console)
+    summary = Trainer(objective, cfg.train, console=console, resume=resume).fit()
+    return summary | {"objective": objective}
+
+
+def load_classifier(run: str | Path) -> MultimodalClassifier:
+    """The model of a finished (or stopped) `mmalign classify train` run folder."""
+    from safetensors.torch import load_file
+
+    run = Path(run)
+    if not (run / RECIPE_FILE).is_file():
+        raise FileNotFoundError(f"{run} is not a classifier run folder (no {RECIPE_FILE})")
+    cfg = load_classifier_recipe(run / RECIPE_FILE)
+    classes = json.loads((run / CLASSES_FILE).read_text())
+    model = MultimodalClassifier(cfg.model, classes)
+    state = load_file(str(run / OBJECTIVE_WEIGHTS))
+    model.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
+    return model.eval()

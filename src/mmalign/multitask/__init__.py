@@ -1,0 +1,1 @@
+"""Multi-task learning: task sampling, loss weighting and parameter sharing."""

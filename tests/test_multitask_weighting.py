@@ -1,0 +1,222 @@
+"""Multi-task sampling draws the shares it reports and resumes exactly; loss weightings follow their papers'
+formulas, move in the expected direction on tiny regression problems, and never leak into the model's gradient."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from mmalign.multitask.sampling import STRATEGIES, TaskSampler
+from mmalign.multitask.weighting import (
+    WEIGHTINGS,
+    FixedWeighting,
+    GradNormWeighting,
+    UncertaintyWeighting,
+    build_weighting,
+)
+
+SIZES = {"a": 600, "b": 300, "c": 100}
+
+
+def draw_shares(sampler: TaskSampler, n: int = 20_000, seed: int = 0) -> dict[str, float]:
+    generator = torch.Generator().manual_seed(seed)
+    counts = Counter(sampler.task_for(cursor, generator) for cursor in range(n))
+    return {task: counts[task] / n for task in sampler.tasks}
+
+
+@pytest.mark.parametrize("strategy", ["proportional", "temperature", "uniform"])
+def test_random_strategies_draw_their_probabilities(strategy):
+    sampler = TaskSampler(SIZES, strategy=strategy, temperature=2.0)
+    expected = sampler.probabilities()
+    assert math.isclose(sum(expected.values()), 1.0)
+    shares = draw_shares(sampler)
+    for task in SIZES:
+        assert abs(shares[task] - expected[task]) < 0.015, (task, shares, expected)
+
+
+def test_probabilities_follow_their_formulas():
+    roots = {task: math.sqrt(n) for task, n in SIZES.items()}
+    temperature = TaskSampler(SIZES, strategy="temperature", temperature=2.0).probabilities()
+    assert temperature == pytest.approx({task: r / sum(roots.values()) for task, r in roots.items()}, abs=1e-12)
+    proportional = TaskSampler(SIZES, strategy="proportional").probabilities()
+    assert proportional == pytest.approx({"a": 0.6, "b": 0.3, "c": 0.1}, abs=1e-12)
+    assert TaskSampler(SIZES, strategy="temperature", temperature=1.0).probabilities() == pytest.approx(proportional)
+    assert TaskSampler(SIZES, strategy="uniform").probabilities() == pytest.approx({t: 1 / 3 for t in SIZES})
+    assert TaskSampler(SIZES, strategy="temperature").describe() == "temperature T=2: a 47.3%, b 33.4%, c 19.3%"
+
+
+def test_round_robin_cycles_in_sorted_order_and_ignores_the_generator():
+    sampler = TaskSampler({"c": 1, "a": 5, "b": 2}, strategy="round_robin")
+    generator = torch.Generator().manual_seed(0)
+    state = generator.get_state()
+    assert [sampler.task_for(cursor, generator) for cursor in range(7)] == ["a", "b", "c", "a", "b", "c", "a"]
+    assert torch.equal(generator.get_state(), state)
+    assert sampler.probabilities() == pytest.approx({"a": 1 / 3, "b": 1 / 3, "c": 1 / 3})
+
+
+@pytest.mark.parametrize("strategy", ["proportional", "temperature", "uniform"])
+def test_same_seed_and_cursor_draw_the_same_task(strategy):
+    sampler = TaskSampler(SIZES, strategy=strategy)
+
+    def run(cursors):
+        return [sampler.task_for(c, torch.Generator().manual_seed(7 * 1_000_003 + c)) for c in cursors]
+
+    first = run(range(200))
+    # A resumed run starting at cursor 150 continues the same sequence.
+    assert run(range(150, 200)) == first[150:]
+    assert len(set(first)) == 3
+
+
+def test_sampler_rejects_bad_inputs():
+    with pytest.raises(ValueError, match="at least one task"):
+        TaskSampler({})
+    with pytest.raises(ValueError, match="'b'.*size 0"):
+        TaskSampler({"a": 3, "b": 0})
+    with pytest.raises(ValueError, match="round_robin"):
+        TaskSampler(SIZES, strategy="mixed")
+    with pytest.raises(ValueError, match="temperature"):
+        TaskSampler(SIZES, strategy="temperature", temperature=0.0)
+    assert set(STRATEGIES) == {"proportional", "temperature", "round_robin", "uniform"}
+
+
+class TwoHeads(nn.Module):
+    """A shared linear trunk read by two linear heads; returns the shared features too."""
+
+    def __init__(self):
+        super().__init__()
+        self.trunk = nn.Linear(4, 8)
+        self.heads = nn.ModuleDict({"clean": nn.Linear(8, 1), "noisy": nn.Linear(8, 1)})
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        shared = self.trunk(x)  # (batch, 8)
+        return shared, {task: head(shared).squeeze(-1) for task, head in self.heads.items()}
+
+
+def test_uncertainty_downweights_the_noisy_task():
+    x = torch.randn(256, 4)
+    noise = torch.randn(2, 256)
+    targets = {"clean": x @ torch.randn(4) + 0.01 * noise[0], "noisy": x @ torch.randn(4) + 2.0 * noise[1]}
+    model = TwoHeads()
+    weighting = UncertaintyWeighting(["noisy", "clean"])
+    assert weighting.weights() == pytest.approx({"clean": 0.5, "noisy": 0.5})
+    optimizer = torch.optim.Adam([*model.parameters(), *weighting.parameters()], lr=0.03)
+    for _ in range(300):
+        _, preds = model(x)
+        total = weighting({task: F.mse_loss(preds[task], targets[task]) for task in targets})
+        optimizer.zero_grad()
+        total.backward()
+        optimizer.step()
+        weighting.after_step()
+    weights = weighting.weights()
+    assert weights["clean"] > 0.5 > weights["noisy"]
+    assert weights["clean"] / weights["noisy"] > 3
+
+
+def test_uncertainty_total_matches_the_formula_and_the_clamp_holds():
+    weighting = UncertaintyWeighting(["a", "b"])
+    with torch.no_grad():
+        weighting.log_var.copy_(torch.tensor([0.5, -1.0]))
+    total = weighting({"a": torch.tensor(2.0), "b": torch.tensor(3.0)})
+    expected = 0.5 * math.exp(-0.5) * 2.0 + 0.25 + 0.5 * math.exp(1.0) * 3.0 - 0.5
+    assert total.item() == pytest.approx(expected, rel=1e-6)
+    assert weighting.weights() == pytest.approx({"a": 0.5 * math.exp(-0.5), "b": 0.5 * math.exp(1.0)})
+    # A batch with only task "b" counts only b's terms.
+    assert weighting({"b": torch.tensor(3.0)}).item() == pytest.approx(0.5 * math.exp(1.0) * 3.0 - 0.5, rel=1e-6)
+
+    with torch.no_grad():
+        weighting.log_var.copy_(torch.tensor([-10.0, 10.0]))
+    weighting.after_step()
+    assert weighting.log_var.tolist() == [-4.0, 4.0]
+    narrow = UncertaintyWeighting(["a", "b"], min_log_var=-1.0, max_log_var=2.0)
+    with torch.no_grad():
+        narrow.log_var.copy_(torch.tensor([-3.0, 0.5]))
+    narrow.after_step()
+    assert narrow.log_var.tolist() == [-1.0, 0.5]
+
+
+def scaled_losses(model: TwoHeads, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Both heads fit the same target; task "big" has its loss scaled ×10, so its gradient at `shared` is ~10×."""
+    shared, preds = model(x)
+    return shared, {"small": F.mse_loss(preds["clean"], y), "big": 10.0 * F.mse_loss(preds["noisy"], y)}
+
+
+def test_gradnorm_lowers_the_weight_of_the_large_gradient_task():
+    x = torch.randn(64, 4)
+    y = x @ torch.randn(4)
+    model = TwoHeads()
+    model.heads["noisy"].load_state_dict(model.heads["clean"].state_dict())
+    weighting = GradNormWeighting(["small", "big"], alpha=1.5)
+    optimizer = torch.optim.Adam([*model.parameters(), *weighting.parameters()], lr=0.02)
+    for _ in range(40):
+        shared, losses = scaled_losses(model, x, y)
+        total = weighting(losses, shared=shared)
+        optimizer.zero_grad()
+        total.backward()
+        assert weighting.task_weights.grad.abs().sum() > 0
+        optimizer.step()
+        weighting.after_step()
+        assert sum(weighting.weights().values()) == pytest.approx(2.0, abs=1e-5)
+    weights = weighting.weights()
+    assert weights["big"] < weights["small"]
+    assert weights["big"] < 0.5
+
+
+def test_gradnorm_term_does_not_reach_the_model_gradient():
+    x = torch.randn(32, 4)
+    y = x @ torch.randn(4)
+    model = TwoHeads()
+    weighting = GradNormWeighting(["small", "big"])
+    with torch.no_grad():
+        weighting.task_weights.copy_(torch.tensor([1.3, 0.7]))  # sorted order: big, small
+    params = list(model.parameters())
+
+    shared, losses = scaled_losses(model, x, y)
+    total = weighting(losses, shared=shared)
+    total_grads = torch.autograd.grad(total, params)
+
+    _, losses = scaled_losses(model, x, y)
+    reference = 1.3 * losses["big"] + 0.7 * losses["small"]
+    reference_grads = torch.autograd.grad(reference, params)
+    for got, want in zip(total_grads, reference_grads, strict=True):
+        torch.testing.assert_close(got, want)
+
+
+def test_gradnorm_needs_shared_and_keeps_its_first_losses_through_state_dict():
+    weighting = GradNormWeighting(["a", "b"])
+    with pytest.raises(ValueError, match="shared"):
+        weighting({"a": torch.tensor(1.0)})
+    shared = torch.randn(3, 2, requires_grad=True)
+    weighting({"a": (shared * 2).sum(), "b": shared.pow(2).sum()}, shared=shared)
+    weighting({"a": (shared * 5).sum()}, shared=shared)  # later batches do not overwrite L_a(0)
+    restored = GradNormWeighting(["a", "b"])
+    restored.load_state_dict(weighting.state_dict())
+    assert restored.seen.tolist() == [True, True]
+    torch.testing.assert_close(restored.initial_loss, weighting.initial_loss)
+    assert restored.initial_loss[0].item() == pytest.approx((shared * 2).sum().item())
+
+
+def test_fixed_weighting_sums_weighted_losses_and_skips_absent_tasks():
+    weighting = FixedWeighting(["a", "b", "c"], weights={"a": 2.0, "c": 0.5})
+    assert weighting.weights() == {"a": 2.0, "b": 1.0, "c": 0.5}
+    losses = {"a": torch.tensor(1.5), "b": torch.tensor(4.0), "c": torch.tensor(2.0)}
+    assert weighting(losses).item() == pytest.approx(2.0 * 1.5 + 4.0 + 0.5 * 2.0)
+    assert weighting({"b": torch.tensor(4.0)}).item() == pytest.approx(4.0)
+    with pytest.raises(ValueError, match="'z'"):
+        weighting({"a": torch.tensor(1.0), "z": torch.tensor(1.0)})
+    with pytest.raises(ValueError, match="'z'"):
+        FixedWeighting(["a"], weights={"z": 1.0})
+    with pytest.raises(ValueError, match="negative"):
+        FixedWeighting(["a"], weights={"a": -1.0})
+
+
+def test_build_weighting_by_name_and_unknown_names_list_the_registry():
+    assert set(WEIGHTINGS) >= {"fixed", "uncertainty", "gradnorm"}
+    assert isinstance(build_weighting("gradnorm", ["a", "b"], alpha=0.5), GradNormWeighting)
+    assert build_weighting("fixed", ["b", "a"], weights={"a": 3.0}).weights() == {"a": 3.0, "b": 1.0}
+    with pytest.raises(ValueError, match="fixed, gradnorm, uncertainty"):
+        build_weighting("nope", ["a"])
