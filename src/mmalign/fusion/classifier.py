@@ -31,7 +31,8 @@ class Block(nn.Module):
 
 
 def build_encoders(cfg: ClassifierModelConfig) -> nn.ModuleDict:
-    import mmalign.models.token_encoder  # noqa: F401  (registers modality-transformer)
+    from mmalign.models import encoders as _encoders  # noqa: F401  (registers the vision and audio encoders)
+    from mmalign.models import token_encoder as _token_encoder  # noqa: F401  (registers modality-transformer)
 
     return nn.ModuleDict(
         {

@@ -1,0 +1,157 @@
+"""The two comparisons the classifier exists to make, on the embedded image + sound data:
+
+- fusion: every fusion module trained on `mix` (a label that needs the image and the sound together), beside
+  models that see one modality only, which must stay near chance (1/3);
+- multi-task: colour, pitch and mix trained alone, with hard sharing (three loss weightings), hierarchically
+  (colour and pitch supervised at the fusion output, mix at the top) and with soft sharing. mix gets only a few
+  labelled samples (`mix_samples`), so the comparison shows what the other tasks' labels give it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from copy import deepcopy
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from mmalign.config import apply_overrides, resolve_recipe
+from mmalign.fusion.config import TaskConfig, load_classifier_recipe
+from mmalign.fusion.data import write_fusion_dataset
+from mmalign.fusion.modules import FUSIONS
+from mmalign.fusion.train import accuracy, train_classifier
+
+FUSION_METHODS = ["concat", "attention", "gated", "product", "bilinear", "tensor"]
+
+
+def ensure_data(data_dir: Path, n_train: int, n_test: int, seed: int, progress: bool) -> None:
+    if not (data_dir / "train.jsonl").is_file():
+        write_fusion_dataset(data_dir, n_train, n_test, seed, progress)
+
+
+def base_recipe(data_dir: Path, out: Path, steps: int, seed: int, progress: bool, overrides=()):
+    cfg = load_classifier_recipe(resolve_recipe("classify_av"))
+    cfg.data.train, cfg.data.val = str(data_dir / "train.jsonl"), str(data_dir / "test.jsonl")
+    cfg.train.out_dir, cfg.train.max_steps, cfg.train.seed, cfg.train.progress = str(out), steps, seed, progress
+    return apply_overrides(cfg, list(overrides))
+
+
+def run_one(cfg, console: Console) -> dict:
+    start = time.time()
+    summary = train_classifier(cfg, console=console)
+    objective = summary["objective"]
+    model = objective.model
+    row = {
+        "accuracy": accuracy(model, objective.val_data),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "seconds": round(time.time() - start, 1),
+    }
+    if len(model.modalities) > 1:
+        row["without"] = {m: accuracy(model, objective.val_data, hide=(m,)) for m in model.modalities}
+    return row
+
+
+def compare_fusion(data_dir: str | Path = "data/fusion", out: str | Path = "runs/fusion", *, steps: int = 1000,
+                   methods: list[str] | None = None, n_train: int = 2000, n_test: int = 300, seed: int = 0,
+                   progress: bool = True, overrides=(), console: Console | None = None) -> dict:  # fmt: skip
+    console = console or Console()
+    data_dir, out = Path(data_dir), Path(out)
+    methods = methods or FUSION_METHODS
+    unknown = [m for m in methods if m not in FUSIONS]
+    if unknown:
+        raise ValueError(f"unknown fusion method(s) {unknown}; registered: {', '.join(FUSIONS.names())}")
+    ensure_data(data_dir, n_train, n_test, seed, progress)
+    rows = {}
+    base = base_recipe(data_dir, out, steps, seed, progress, overrides)
+    base.model.tasks = {"mix": TaskConfig()}
+    for only in sorted(base.model.encoders):  # one modality: the chance baselines
+        cfg = deepcopy(base)
+        cfg.model.encoders = {only: cfg.model.encoders[only]}
+        cfg.train.out_dir = str(out / f"{only}-only")
+        rows[f"{only} only"] = run_one(cfg, console)
+    for method in methods:
+        cfg = deepcopy(base)
+        cfg.model.fusion.name = method
+        cfg.train.out_dir = str(out / method)
+        rows[method] = run_one(cfg, console)
+    result = {"task": "mix", "chance": 1 / 3, "steps": steps, "rows": rows}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(result, indent=1))
+    console.print(fusion_table(result))
+    return result
+
+
+def fusion_table(result: dict) -> Table:
+    table = Table(title=f"held-out accuracy on mix (needs image and sound; chance {result['chance']:.0%})")
+    for col in ("model", "mix", "params", "seconds"):
+        table.add_column(col, justify="left" if col == "model" else "right")
+    for name, row in result["rows"].items():
+        table.add_row(name, f"{row['accuracy']['mix']:.1%}", f"{row['parameters']:,}", f"{row['seconds']:.0f}")
+    return table
+
+
+MULTITASK_SETUPS = {
+    "hard": {},
+    "hard + uncertainty": {"multitask.weighting": "uncertainty"},
+    "hard + gradnorm": {"multitask.weighting": "gradnorm"},
+    "hierarchical": {"levels": {"colour": 0, "pitch": 0}},
+    "soft": {"model.sharing": "soft"},
+}
+
+
+def compare_multitask(data_dir: str | Path = "data/fusion", out: str | Path = "runs/multitask", *, steps: int = 600,
+                      mix_samples: int = 200, setups: list[str] | None = None, n_train: int = 2000,
+                      n_test: int = 300, seed: int = 0, progress: bool = True, overrides=(),
+                      console: Console | None = None) -> dict:  # fmt: skip
+    console = console or Console()
+    data_dir, out = Path(data_dir), Path(out)
+    setups = setups or ["single-task", *MULTITASK_SETUPS]
+    unknown = [s for s in setups if s != "single-task" and s not in MULTITASK_SETUPS]
+    if unknown:
+        raise ValueError(f"unknown setup(s) {unknown}; known: single-task, {', '.join(MULTITASK_SETUPS)}")
+    ensure_data(data_dir, n_train, n_test, seed, progress)
+    base = base_recipe(data_dir, out, steps, seed, progress, overrides)
+    tasks = ["colour", "pitch", "mix"]
+    base.model.tasks = {t: TaskConfig(max_samples=mix_samples if t == "mix" else 0) for t in tasks}
+    rows = {}
+    for setup in setups:
+        if setup == "single-task":
+            row = {"accuracy": {}, "parameters": 0, "seconds": 0.0}
+            for task in tasks:
+                cfg = deepcopy(base)
+                cfg.model.tasks = {task: base.model.tasks[task]}
+                cfg.train.out_dir = str(out / f"single-{task}")
+                one = run_one(cfg, console)
+                row["accuracy"][task] = one["accuracy"][task]
+                row["parameters"] += one["parameters"]
+                row["seconds"] += one["seconds"]
+            rows[setup] = row
+            continue
+        cfg = deepcopy(base)
+        spec = dict(MULTITASK_SETUPS[setup])
+        for task, level in spec.pop("levels", {}).items():
+            cfg.model.tasks[task].level = level
+        apply_overrides(cfg, [f"{k}={v}" for k, v in spec.items()])
+        cfg.train.out_dir = str(out / setup.replace(" + ", "-"))
+        rows[setup] = run_one(cfg, console)
+        rows[setup].pop("without", None)
+    result = {"tasks": tasks, "mix_samples": mix_samples, "steps": steps, "rows": rows}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(result, indent=1))
+    console.print(multitask_table(result))
+    return result
+
+
+def multitask_table(result: dict) -> Table:
+    table = Table(title=f"held-out accuracy per task (mix: {result['mix_samples']} labelled samples)")
+    table.add_column("setup")
+    for t in result["tasks"]:
+        table.add_column(t, justify="right")
+    table.add_column("params", justify="right")
+    table.add_column("seconds", justify="right")
+    for name, row in result["rows"].items():
+        cells = [f"{row['accuracy'][t]:.1%}" for t in result["tasks"]]
+        table.add_row(name, *cells, f"{row['parameters']:,}", f"{row['seconds']:.0f}")
+    return table
