@@ -19,6 +19,15 @@ app = typer.Typer(
 console = Console()
 
 
+def _add_subcommands() -> None:
+    from mmalign.fusion.cli import app as classify_app
+
+    app.add_typer(classify_app, name="classify")
+
+
+_add_subcommands()
+
+
 def _quiet_transformers() -> None:
     import warnings
 
@@ -133,7 +142,8 @@ def data_cmd(
         help="shapes (coloured shapes, with a word-level tokenizer) or glyphs (two drawn digits on textures, six "
         "question types of 2 to 10 answers; no tokenizer: it stands in for a user's own data) or multimodal (per "
         "modality: real files, captions, 3-turn conversations and held-out questions, and one word-level tokenizer; "
-        "writes data/multimodal by default).",
+        "writes data/multimodal by default) or fusion (a shapes image and a tone per record, labelled colour, pitch "
+        "and mix, which needs both; for `mmalign classify`; writes data/fusion by default).",
     ),
     modalities: str = typer.Option(
         None, help="multimodal: comma-separated modalities to write (default: every one with a generator)."
@@ -153,6 +163,11 @@ def data_cmd(
         from mmalign.data.glyphs import write_glyphs_dataset
 
         paths = write_glyphs_dataset(out, n_train, n_val, n_test, image_size, seed)
+    elif dataset == "fusion":
+        from mmalign.fusion.data import write_fusion_dataset
+
+        out = Path("data/fusion") if out == Path("data/shapes") else out
+        paths = write_fusion_dataset(out, n_train, n_test, seed)
     elif dataset == "multimodal":
         from mmalign.data.multimodal import write_multimodal_dataset
 
@@ -160,7 +175,7 @@ def data_cmd(
         names = modalities.split(",") if modalities else None
         paths = write_multimodal_dataset(out, names, n_train=n_train, n_test=n_test, seed=seed)
     else:
-        raise typer.BadParameter(f"unknown dataset {dataset!r}; embedded: shapes, glyphs, multimodal")
+        raise typer.BadParameter(f"unknown dataset {dataset!r}; embedded: shapes, glyphs, multimodal, fusion")
     console.print_json(json.dumps(paths))
 
 

@@ -2,8 +2,8 @@
 
 None of them calls `.backward()`: each turns the per-task losses into ONE scalar, and the trainer's usual
 `scaler.scale(total).backward()` does the rest. That keeps them correct under DDP (one backward per step, gradients
-reduced once), gradient accumulation and autocast + GradScaler. LibMTL's weightings own the backward pass instead,
-which is why they do not compose with DDP or AMP.
+reduced once), gradient accumulation and autocast + GradScaler. A weighting that ran its own backward passes would
+compose with none of these.
 
 Losses come in as `{task: scalar mean loss}`. With per-task sampling a batch may carry only some tasks; the ones
 missing from a batch are skipped, and a task the weighting was not built for is an error.
