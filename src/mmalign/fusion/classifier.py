@@ -16,7 +16,6 @@ from torch import nn
 
 from mmalign.fusion.config import ClassifierModelConfig
 from mmalign.fusion.modules import build_fusion
-from mmalign.registry import ENCODERS
 
 
 class Block(nn.Module):
@@ -31,23 +30,10 @@ class Block(nn.Module):
 
 
 def build_encoders(cfg: ClassifierModelConfig) -> nn.ModuleDict:
-    from mmalign.models import encoders as _encoders  # noqa: F401  (registers the vision and audio encoders)
-    from mmalign.models import token_encoder as _token_encoder  # noqa: F401  (registers modality-transformer)
+    from mmalign.config import MediaConfig
+    from mmalign.models.builder import build_encoder
 
-    return nn.ModuleDict(
-        {
-            m: ENCODERS.build(
-                enc.name,
-                modality=m,
-                path=enc.path,
-                preset=enc.preset,
-                config=enc.config,
-                feature_layer=enc.feature_layer,
-                keep_cls=enc.keep_cls,
-            )  # fmt: skip
-            for m, enc in sorted(cfg.encoders.items())
-        }
-    )
+    return nn.ModuleDict({m: build_encoder(MediaConfig(encoder=enc), m) for m, enc in sorted(cfg.encoders.items())})
 
 
 class Tower(nn.Module):

@@ -53,6 +53,14 @@ def run_one(cfg, console: Console) -> dict:
     return row
 
 
+def finish(result: dict, out: Path, table, console: Console) -> dict:
+    """Write results.json and print the comparison's table."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(result, indent=1))
+    console.print(table(result))
+    return result
+
+
 def compare_fusion(data_dir: str | Path = "data/fusion", out: str | Path = "runs/fusion", *, steps: int = 1000,
                    methods: list[str] | None = None, n_train: int = 2000, n_test: int = 300, seed: int = 0,
                    progress: bool = True, overrides=(), console: Console | None = None) -> dict:  # fmt: skip
@@ -76,11 +84,7 @@ def compare_fusion(data_dir: str | Path = "data/fusion", out: str | Path = "runs
         cfg.model.fusion.name = method
         cfg.train.out_dir = str(out / method)
         rows[method] = run_one(cfg, console)
-    result = {"task": "mix", "chance": 1 / 3, "steps": steps, "rows": rows}
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(result, indent=1))
-    console.print(fusion_table(result))
-    return result
+    return finish({"task": "mix", "chance": 1 / 3, "steps": steps, "rows": rows}, out, fusion_table, console)
 
 
 def fusion_table(result: dict) -> Table:
@@ -138,10 +142,7 @@ def compare_multitask(data_dir: str | Path = "data/fusion", out: str | Path = "r
         rows[setup] = run_one(cfg, console)
         rows[setup].pop("without", None)
     result = {"tasks": tasks, "mix_samples": mix_samples, "steps": steps, "rows": rows}
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(result, indent=1))
-    console.print(multitask_table(result))
-    return result
+    return finish(result, out, multitask_table, console)
 
 
 def multitask_table(result: dict) -> Table:
