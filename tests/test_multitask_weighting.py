@@ -215,7 +215,7 @@ def test_fixed_weighting_sums_weighted_losses_and_skips_absent_tasks():
 
 
 def test_build_weighting_by_name_and_unknown_names_list_the_registry():
-    assert set(WEIGHTINGS) >= {"fixed", "uncertainty", "gradnorm"}
+    assert set(WEIGHTINGS.names()) >= {"fixed", "uncertainty", "gradnorm"}
     assert isinstance(build_weighting("gradnorm", ["a", "b"], alpha=0.5), GradNormWeighting)
     assert build_weighting("fixed", ["b", "a"], weights={"a": 3.0}).weights() == {"a": 3.0, "b": 1.0}
     with pytest.raises(ValueError, match="fixed, gradnorm, uncertainty"):

@@ -44,16 +44,13 @@ def train(
     Prints held-out accuracy per task, with all modalities and with each one hidden."""
     from mmalign.config import resolve_recipe
     from mmalign.fusion.config import load_classifier_recipe
-    from mmalign.fusion.train import accuracy, train_classifier
+    from mmalign.fusion.train import accuracy_by_inputs, held_out, train_classifier
 
     cfg = load_classifier_recipe(resolve_recipe(recipe), ctx.args)
     summary = train_classifier(cfg, resume=resume, console=console)
     objective = summary["objective"]
     if objective.val_data is not None:
-        model, data = objective.model, objective.val_data
-        figures = {"all": accuracy(model, data)}
-        if len(model.modalities) > 1:
-            figures |= {f"without {m}": accuracy(model, data, hide=(m,)) for m in model.modalities}
+        figures = accuracy_by_inputs(objective.model, objective.val_data, held_out(summary))
         console.print(_accuracy_table(f"held-out accuracy ({cfg.data.val})", figures))
     console.print(f"run folder: {cfg.train.out_dir} (steps {summary['steps']}, skipped {summary['skipped']})")
 
@@ -66,7 +63,7 @@ def eval_cmd(
 ) -> None:
     """Held-out accuracy per task of a trained classifier, with all modalities and with each one hidden."""
     from mmalign.fusion.data import load_labelled
-    from mmalign.fusion.train import RECIPE_FILE, accuracy, load_classifier
+    from mmalign.fusion.train import RECIPE_FILE, accuracy_by_inputs, load_classifier
 
     model = load_classifier(run)
     if data is None:
@@ -81,8 +78,7 @@ def eval_cmd(
         console.print(f"[yellow]skipped[/] {err['error']}")
     if labelled.errors:
         console.print(f"[yellow]skipped {len(labelled.errors)} samples[/]")
-    figures = {"all": accuracy(model, labelled)}
-    figures |= {f"without {m}": accuracy(model, labelled, hide=(m,)) for m in model.modalities if len(encoders) > 1}
+    figures = accuracy_by_inputs(model, labelled)
     console.print(_accuracy_table(f"{run} on {data} ({len(labelled)} samples)", figures))
 
 

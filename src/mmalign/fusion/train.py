@@ -17,13 +17,10 @@ from mmalign.fusion.config import ClassifierRecipe, check_classifier, load_class
 from mmalign.fusion.data import Labelled, label_classes, load_labelled
 from mmalign.multitask.sampling import TaskSampler
 from mmalign.multitask.weighting import build_weighting
+from mmalign.train.loop import TooManyBadSamples
 from mmalign.train.trainer import OBJECTIVE_WEIGHTS, Objective, Trainer, batch_generator
 
 RECIPE_FILE, CLASSES_FILE = "classifier.yaml", "classes.json"
-
-
-class TooManyBadSamples(RuntimeError):
-    pass
 
 
 def task_classes(cfg: ClassifierRecipe) -> dict[str, list[str]]:
@@ -190,6 +187,19 @@ def accuracy(model: MultimodalClassifier, data: Labelled, hide: tuple[str, ...] 
             total[t] += int(seen.sum())
     model.train(was_training)
     return {t: correct[t] / total[t] for t in model.tasks if total[t]}
+
+
+def accuracy_by_inputs(model: MultimodalClassifier, data: Labelled, full: dict | None = None) -> dict:
+    """Accuracy per task with every modality (`full`, when already measured) and with each one hidden."""
+    figures = {"all": accuracy(model, data) if full is None else full}
+    if len(model.modalities) > 1:
+        figures |= {f"without {m}": accuracy(model, data, hide=(m,)) for m in model.modalities}
+    return figures
+
+
+def held_out(summary: dict) -> dict[str, float]:
+    """Per-task accuracy on data.val from a `train_classifier` summary: the Trainer's final evaluation."""
+    return {name.removeprefix("val_"): value for name, value in summary["eval"].items()}
 
 
 def train_classifier(cfg: ClassifierRecipe, resume: bool = False, console: Console | None = None) -> dict:

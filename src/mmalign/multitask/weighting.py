@@ -11,31 +11,20 @@ missing from a batch are skipped, and a task the weighting was not built for is 
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import nn
 
-WEIGHTINGS: dict[str, type[LossWeighting]] = {}
+from mmalign.registry import Registry
 
-
-def register_weighting(name: str) -> Callable[[type[LossWeighting]], type[LossWeighting]]:
-    """Class decorator: make a weighting buildable by `build_weighting(name, ...)`."""
-
-    def wrap(cls: type[LossWeighting]) -> type[LossWeighting]:
-        if name in WEIGHTINGS:
-            raise ValueError(f"loss weighting {name!r} is already registered")
-        WEIGHTINGS[name] = cls
-        return cls
-
-    return wrap
+WEIGHTINGS = Registry("loss weighting")
+register_weighting = WEIGHTINGS.register
 
 
 def build_weighting(name: str, tasks: list[str], **settings) -> LossWeighting:
     """The weighting registered as `name`, over `tasks`, with its own keyword settings."""
     if name not in WEIGHTINGS:
-        raise ValueError(f"unknown loss weighting {name!r}; registered: {', '.join(sorted(WEIGHTINGS))}")
-    return WEIGHTINGS[name](tasks, **settings)
+        raise ValueError(f"unknown loss weighting {name!r}; registered: {', '.join(WEIGHTINGS.names())}")
+    return WEIGHTINGS.build(name, tasks=tasks, **settings)
 
 
 class LossWeighting(nn.Module):
