@@ -90,7 +90,7 @@ def test_string_keys_keep_the_text_and_dicts_nest():
         ("train.precision=fp8", "train.precision='fp8': choose one of 'auto', 'bf16', 'fp32'"),
         ("data.on_error=ignore", "data.on_error='ignore': choose one of 'skip', 'raise'"),
         ("data.template=vicuna", "data.template='vicuna': choose one of"),
-        ("train.finetune=dora", "train.finetune='dora': choose one of 'full', 'lora'"),
+        ("train.finetune=prefix", "train.finetune='prefix': choose one of 'full', 'lora', 'dora', 'qlora'"),
         ("train.batch_size=0", "train.batch_size=0: must be >= 1"),
         ("train.batch_size=-2", "train.batch_size=-2: must be >= 1"),
         ("train.max_steps=-5", "train.max_steps=-5: must be >= 0"),
@@ -117,7 +117,7 @@ def test_lora_set_on_the_model_with_full_finetuning_is_an_error():
     cfg = apply_overrides(RecipeConfig(), ["model.lora.r=8", "train.trainable=[connector,llm]"])
     with pytest.raises(ConfigError, match="model.lora is set but train.finetune is 'full'"):
         check_recipe(cfg)
-    with pytest.raises(ConfigError, match="has no llm"):
+    with pytest.raises(ConfigError, match=r"train.trainable=\[.connector.\] trains none of them"):
         check_recipe(apply_overrides(RecipeConfig(), ["train.finetune=lora", "train.trainable=[connector]"]))
 
 

@@ -64,6 +64,9 @@ class LLMConfig:
     config: dict = _f({}, "Hugging Face config keys (with model_type) to build a fresh LLM")
     tokenizer: str | None = _f(None, "tokenizer folder; defaults to `path`")
     dtype: Literal["float32", "bfloat16", "float16"] = _f("float32", "weights dtype")
+    quantize: Literal["none", "nf4"] = _f(
+        "none", "nf4: 4-bit weights through bitsandbytes on a CUDA GPU (set by train.finetune=qlora)"
+    )
 
 
 @dataclass
@@ -73,8 +76,13 @@ class LoraConfig:
     dropout: float = _f(0.05, "LoRA dropout", ge=0.0)
     targets: list[str] = _f(
         ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        "LLM module names that get LoRA (only inside the LLM, never an encoder)",
+        "module names (last part) that get adapters, or [all-linear]; looked for only in the trained parts of `groups`",
     )
+    groups: list[str] = _f(
+        ["llm"], "groups that train through adapters (e.g. [llm, encoder.image]); other trained groups train fully"
+    )
+    dora: bool = _f(False, "weight-decomposed adapters (DoRA); set by train.finetune=dora")
+    modules: list[str] = _f([], "the resolved full module names that carry adapters; written by training")
 
 
 @dataclass
@@ -194,13 +202,23 @@ class DataConfig:
 class TrainConfig:
     out_dir: str = _f("runs/train", "where checkpoints and logs go")
     trainable: list[str] = _f(
-        ["connector"], "parameter groups to train, by name or prefix: encoder, encoder.image, connector, llm, ..."
+        ["connector"],
+        "what trains: groups by name or prefix (encoder, encoder.image, connector, llm) or layer ranges "
+        "(llm.layers[-4:], encoder.image.layers[:6]); all else is frozen",
     )
-    finetune: Literal["full", "lora"] = _f("full", "how the LLM trains when in `trainable`: full | lora")
-    lora: LoraConfig = field(default_factory=LoraConfig, metadata={"help": "LoRA settings (train.finetune=lora)"})
+    finetune: Literal["full", "lora", "dora", "qlora"] = _f(
+        "full", "how train.lora.groups train: full | lora | dora | qlora (4-bit LLM, CUDA + bitsandbytes)"
+    )
+    lora: LoraConfig = field(default_factory=LoraConfig, metadata={"help": "adapter settings (train.finetune)"})
     init_from: str | None = _f(None, "checkpoint whose weights initialise this run (e.g. the stage-1 connector)")
     lr: float = _f(1e-3, "peak learning rate", gt=0.0)
     connector_lr: float | None = _f(None, "learning rate for the connector group; None = lr", gt=0.0)
+    group_lr: dict[str, float] = _f(
+        {}, "peak learning rate per group or prefix, e.g. {encoder: 2e-6, connector: 1e-3}; the longest match wins"
+    )
+    layer_decay: float = _f(
+        1.0, "layer-wise lr decay: a parameter d levels below its group's top trains at lr * decay^d; 1 = none", gt=0.0
+    )
     weight_decay: float = _f(0.0, "AdamW weight decay (never on biases, norms or other 1-D parameters)", ge=0.0)
     betas: list[float] = _f([0.9, 0.999], "AdamW betas")
     warmup_ratio: float = _f(0.03, "fraction of steps with linear warm-up before the cosine decay", ge=0.0)
@@ -449,13 +467,23 @@ def load_recipe(name_or_path: str | Path, overrides: list[str] = ()) -> RecipeCo
 
 def check_recipe(cfg: RecipeConfig) -> None:
     """Checks across keys that no single field can make."""
-    if cfg.model.lora is not None and cfg.train.finetune != "lora":
+    t = cfg.train
+    if cfg.model.lora is not None and t.finetune == "full":
         raise ConfigError(
-            "model.lora is set but train.finetune is 'full': adapters would be built and the whole LLM trained "
-            "anyway; set train.finetune=lora (LoRA settings live in train.lora) or model.lora=null"
+            "model.lora is set but train.finetune is 'full': adapters would be built and their groups trained in "
+            "full anyway; set train.finetune=lora (adapter settings live in train.lora) or model.lora=null"
         )
-    if cfg.train.finetune == "lora" and not any(g == "llm" or g.startswith("llm.") for g in cfg.train.trainable):
-        raise ConfigError(f"train.finetune=lora adapts the LLM, but train.trainable={cfg.train.trainable} has no llm")
+    if t.finetune != "full":
+        from mmalign.models.layers import parse_selector
+
+        picked = [parse_selector(s).group for s in t.trainable]
+        adapted = [parse_selector(g, "train.lora.groups").group for g in t.lora.groups]
+        overlap = [g for g in picked for a in adapted if g == a or g.startswith(a + ".") or a.startswith(g + ".")]
+        if not overlap:
+            raise ConfigError(
+                f"train.finetune={t.finetune} adapts train.lora.groups={t.lora.groups}, but train.trainable="
+                f"{t.trainable} trains none of them"
+            )
     if not cfg.model.media:
         raise ConfigError("model.media is empty: name at least one modality (e.g. image)")
 

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from mmalign.config import EncoderConfig, FlamingoConfig, LLMConfig, MediaConfig, ModelConfig
-from mmalign.interop.hf_llava import merged_llm
+from mmalign.models.adapters import merged_copy
 from mmalign.models.builder import build_model
 from mmalign.models.encoders import VisionEncoder, read_image_norm
 from mmalign.models.flamingo import FlamingoLM
@@ -130,7 +130,8 @@ def export_hf_idefics(model: FlamingoLM, tokenizer, model_cfg: ModelConfig, out:
     from transformers import IdeficsConfig, IdeficsForVisionText2Text, IdeficsProcessor
     from transformers.models.idefics.image_processing_pil_idefics import IdeficsImageProcessorPil
 
-    llm = merged_llm(model)
+    model = merged_copy(model)  # adapters folded into their base weights; the live model keeps them
+    llm = model.llm
     _check_exportable(model, model_cfg, llm)
     text, fl = llm.config, model_cfg.flamingo
     enc, resampler = model.encoders["image"], model.connectors["image"]

@@ -6,14 +6,12 @@ a naming change inside transformers cannot silently drop a tensor: a mismatch ra
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 
-from torch import nn
-
 from mmalign.config import ConnectorConfig, EncoderConfig, LLMConfig, MediaConfig, ModelConfig
 from mmalign.modalities import get_modality
+from mmalign.models.adapters import merged_copy
 from mmalign.models.builder import build_model
 from mmalign.models.connectors import MLPProjector
 from mmalign.models.encoders import VisionEncoder, read_image_norm
@@ -27,14 +25,6 @@ IMAGE_TOKEN = get_modality("image").placeholder
 def _strategy(encoder: VisionEncoder) -> str:
     # Llava's "default" drops the first token; a SigLIP tower has no CLS to drop, so it must be "full".
     return "default" if encoder.has_cls and not encoder.keep_cls else "full"
-
-
-def merged_llm(model: MultimodalLM) -> nn.Module:
-    """The LLM with any LoRA adapters merged in (on a copy; the live model is untouched)."""
-    llm = model.llm
-    if hasattr(llm, "merge_and_unload"):
-        llm = copy.deepcopy(llm).merge_and_unload()
-    return llm
 
 
 def export_hf_llava(model: MultimodalLM, tokenizer, model_cfg: ModelConfig, out: str | Path):
@@ -54,7 +44,8 @@ def export_hf_llava(model: MultimodalLM, tokenizer, model_cfg: ModelConfig, out:
         )
     if not isinstance(enc, VisionEncoder):
         raise ValueError(f"hf-llava export needs a single CLIP or SigLIP tower; this model has {type(enc).__name__}")
-    llm = merged_llm(model)
+    model = merged_copy(model)  # adapters folded into their base weights; the live model keeps them
+    llm = model.llm
     config = LlavaConfig(
         vision_config=enc.tower.config.to_dict(),
         text_config=llm.config.to_dict(),

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from torch import nn
 
-from mmalign.config import ConfigError, LoraConfig, MediaConfig, ModelConfig
+from mmalign.config import ConfigError, MediaConfig, ModelConfig
 from mmalign.constants import END_OF_CHUNK
 from mmalign.modalities import get_modality
 from mmalign.models import connectors as _connectors  # noqa: F401  (registers connectors)
 from mmalign.models import encoders as _encoders  # noqa: F401  (registers encoders)
 from mmalign.models import token_encoder as _token_encoder  # noqa: F401  (registers modality-transformer)
+from mmalign.models.adapters import inject_adapters
 from mmalign.models.encoders import FusedEncoder
 from mmalign.models.flamingo import FlamingoLM
 from mmalign.models.llm import load_llm, load_tokenizer
@@ -62,17 +63,6 @@ def check_llm(llm: nn.Module) -> None:
             raise NotImplementedError(f"LLM config sets {name}={value}; mmalign does not apply it yet")
 
 
-def apply_lora(llm: nn.Module, lora: LoraConfig) -> nn.Module:
-    """Wrap the LLM (only the LLM: encoders never get adapters) with PEFT LoRA."""
-    from peft import LoraConfig as PeftLoraConfig
-    from peft import get_peft_model
-
-    config = PeftLoraConfig(
-        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.targets), bias="none"
-    )
-    return get_peft_model(llm, config)
-
-
 def build_encoder(media: MediaConfig, modality: str) -> nn.Module:
     """A modality's encoder; with extra encoders, all of them fused per token."""
     encoders = [
@@ -108,8 +98,6 @@ def build_projector(cfg: ModelConfig, tokenizer) -> MultimodalLM:
         )
         for m, media in cfg.media.items()
     }
-    if cfg.lora is not None:
-        llm = apply_lora(llm, cfg.lora)
     ids = {m: tokenizer.convert_tokens_to_ids(text) for m, text in placeholders(cfg).items()}
     return MultimodalLM(encoders=encoders, connectors=connectors, llm=llm, media_token_ids=ids)
 
@@ -138,8 +126,6 @@ def build_flamingo(cfg: ModelConfig, tokenizer) -> FlamingoLM:
         )
         for m, enc in encoders.items()
     }
-    if cfg.lora is not None:
-        llm = apply_lora(llm, cfg.lora)
     ids = {m: tokenizer.convert_tokens_to_ids(text) for m, text in placeholders(cfg).items()}
     return FlamingoLM(
         encoders=encoders, resamplers=resamplers, llm=llm, media_token_ids=ids,
@@ -170,8 +156,6 @@ def build_onellm(cfg: ModelConfig, tokenizer) -> OneLLMLM:
         router=oc.router,
         route_on=oc.route_on,
     )
-    if cfg.lora is not None:
-        llm = apply_lora(llm, cfg.lora)
     ids = {m: tokenizer.convert_tokens_to_ids(text) for m, text in placeholders(cfg).items()}
     return OneLLMLM(tokenizers=tokenizers, universal=universal, upm=upm, llm=llm, media_token_ids=ids)
 
@@ -185,4 +169,7 @@ def build_model(cfg: ModelConfig, tokenizer=None) -> tuple[nn.Module, object]:
     """Returns (model, tokenizer). Weights come from the configured paths or fresh initialisation."""
     check_model_config(cfg)
     tokenizer = tokenizer or load_tokenizer(cfg.llm, special_tokens(cfg))
-    return FAMILIES.build(cfg.family, cfg=cfg, tokenizer=tokenizer), tokenizer
+    model = FAMILIES.build(cfg.family, cfg=cfg, tokenizer=tokenizer)
+    if cfg.lora is not None:  # adapters a checkpoint was trained with, on the module names it recorded
+        inject_adapters(model, cfg.lora)
+    return model, tokenizer

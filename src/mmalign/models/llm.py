@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mmalign.config import LLMConfig
+from mmalign.config import ConfigError, LLMConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -42,6 +42,25 @@ def special_token_ids(tokenizer) -> dict[str, int | None]:
     }
 
 
+def four_bit_config():
+    """NF4 weights with bf16 compute and double quantisation (the QLoRA recipe), or a clear error where
+    bitsandbytes cannot run."""
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError("train.finetune=qlora needs bitsandbytes: pip install 'mmalign[qlora]' (on a CUDA machine)")
+    if not torch.cuda.is_available():
+        raise ConfigError("train.finetune=qlora needs a CUDA GPU for 4-bit weights; this machine has none")
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=torch.bfloat16,
+        bnb_4bit_use_double_quant=True,
+    )
+
+
 def load_llm(cfg: LLMConfig, tokenizer) -> nn.Module:
     """AutoModelForCausalLM from `cfg.path`, or fresh from `cfg.config`; embeddings grown to fit the tokenizer.
 
@@ -53,8 +72,11 @@ def load_llm(cfg: LLMConfig, tokenizer) -> nn.Module:
     if cfg.path:
         if not Path(cfg.path).exists():
             raise FileNotFoundError(f"llm path {cfg.path} does not exist")
-        model = AutoModelForCausalLM.from_pretrained(cfg.path, dtype=dtype)
+        quantized = {"quantization_config": four_bit_config()} if cfg.quantize == "nf4" else {}
+        model = AutoModelForCausalLM.from_pretrained(cfg.path, dtype=dtype, **quantized)
     else:
+        if cfg.quantize != "none":
+            raise ConfigError("model.llm.quantize=nf4 quantises pretrained weights: set model.llm.path")
         options = dict(cfg.config)
         if "model_type" not in options:
             raise ValueError("llm.config needs a model_type (e.g. llama) when llm.path is not set")

@@ -1,23 +1,17 @@
-"""Which parameters train: decided once, by the model's declared groups, before the optimizer is built."""
+"""Which parameters train: decided once, by the model's declared groups and layer ranges, before the optimizer is
+built."""
 
 from __future__ import annotations
 
 from torch import nn
 
-from mmalign.config import ConfigError
+from mmalign.models.layers import parse_selector, select
 
 
-def select_groups(model: nn.Module, names: list[str]) -> list[str]:
-    """The declared groups that `names` select: a name selects every group it equals or is a dotted prefix of
+def select_groups(model: nn.Module, names: list[str], key: str = "train.trainable") -> list[str]:
+    """The declared groups that selectors touch: a name selects every group it equals or is a dotted prefix of
     (`encoder` selects `encoder.image` and `encoder.audio`). A name that selects nothing is an error."""
-    groups = list(model.param_groups())
-    picked: list[str] = []
-    for name in names:
-        hits = [g for g in groups if g == name or g.startswith(name + ".")]
-        if not hits:
-            raise ConfigError(f"train.trainable names {name!r}, which selects no group; this model's groups: {groups}")
-        picked += [g for g in hits if g not in picked]
-    return picked
+    return list(select(model, names, key))
 
 
 def group_of(model: nn.Module) -> dict[str, str]:
@@ -26,18 +20,22 @@ def group_of(model: nn.Module) -> dict[str, str]:
     return {name: by_id[id(p)] for name, p in model.named_parameters(remove_duplicate=False) if id(p) in by_id}
 
 
-def set_trainable(model: nn.Module, trainable: list[str], finetune: str = "full") -> None:
-    """Freeze everything, then unfreeze the selected groups. With finetune=lora the LLM trains only its adapters
-    (the LLM must already be wrapped by PEFT)."""
-    groups = model.param_groups()
+def in_groups(group: str, names: list[str]) -> bool:
+    """Whether `group` is one of `names` or under one of them as a dotted prefix."""
+    return any(parse_selector(n).picks(group) for n in names)
+
+
+def set_trainable(model: nn.Module, trainable: list[str], adapted: list[str] = ()) -> None:
+    """Freeze everything, then unfreeze what `trainable` selects (groups or layer ranges). In the `adapted` groups
+    only the LoRA adapters of the selected parts train (they must already be injected)."""
     model.requires_grad_(False)
-    for group in select_groups(model, trainable):
-        module = groups[group]
-        if group == "llm" and finetune == "lora":
-            for name, p in module.named_parameters():
-                p.requires_grad = "lora_" in name
-        else:
-            module.requires_grad_(True)
+    for group, modules in select(model, trainable).items():
+        for module in modules:
+            if in_groups(group, list(adapted)):
+                for name, p in module.named_parameters():
+                    p.requires_grad = "lora_" in name
+            else:
+                module.requires_grad_(True)
 
 
 def count_parameters(model: nn.Module) -> dict[str, tuple[int, int]]:
@@ -47,3 +45,64 @@ def count_parameters(model: nn.Module) -> dict[str, tuple[int, int]]:
         params = list(module.parameters())
         out[group] = (sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params))
     return out
+
+
+def trainable_table(model: nn.Module, optimizer_groups: list[dict]):
+    """A rich table: per declared group, trainable / total parameters, the layers that train and the peak lr."""
+    from rich.table import Table
+
+    from mmalign.models.layers import layer_stack
+
+    lrs: dict[str, list[float]] = {}
+    for g in optimizer_groups:
+        lrs.setdefault(g.get("group", ""), []).append(g.get("initial_lr", g["lr"]))
+    table = Table(title="parameters", title_justify="left")
+    for column in ("group", "trainable", "total", "layers trained", "peak lr"):
+        table.add_column(column, justify="left" if column in ("group", "layers trained") else "right")
+    for group, module in model.param_groups().items():
+        params = list(module.parameters())
+        trained = sum(p.numel() for p in params if p.requires_grad)
+        stack = layer_stack(module)
+        if not trained:
+            layers = "frozen"
+        elif stack is None:
+            layers = "all"
+        else:
+            on = [i for i, block in enumerate(stack) if any(p.requires_grad for p in block.parameters())]
+            layers = "all" if len(on) == len(stack) else f"{compress(on)} of {len(stack)}"
+        rates = lrs.get(group, [])
+        rate = (
+            ""
+            if not rates
+            else f"{max(rates):.2e}"
+            if min(rates) == max(rates)
+            else f"{min(rates):.1e}-{max(rates):.1e}"
+        )
+        table.add_row(group, f"{trained:,}", f"{sum(p.numel() for p in params):,}", layers, rate)
+    return table
+
+
+def compress(indices: list[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2,5'."""
+    runs: list[list[int]] = []
+    for i in indices:
+        if runs and i == runs[-1][1] + 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs) or "none"
+
+
+def module_patterns(names: list[str]) -> list[str]:
+    """Adapter targets, shortened: layer numbers folded into ranges (`llm.model.layers.{0-3}.self_attn.q_proj`)."""
+    import re
+
+    folded: dict[str, list[int]] = {}
+    for name in names:
+        match = re.search(r"\.(\d+)\.", name)
+        if match is None:
+            folded.setdefault(name, [])
+            continue
+        key = name[: match.start()] + ".{}." + name[match.end() :]
+        folded.setdefault(key, []).append(int(match.group(1)))
+    return [key.replace("{}", "{" + compress(sorted(set(ix))) + "}") if ix else key for key, ix in folded.items()]

@@ -5,19 +5,21 @@ from __future__ import annotations
 
 import json
 from copy import deepcopy
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from rich.console import Console
 from torch.utils.data import DataLoader
 
-from mmalign.config import RecipeConfig, check_recipe
+from mmalign.config import ModelConfig, RecipeConfig, check_recipe, load_yaml
 from mmalign.constants import IGNORE_INDEX
 from mmalign.data.dataset import Collator, ConversationDataset, epoch_order
 from mmalign.data.processor import SampleError, processor_for
+from mmalign.models.adapters import inject_adapters, merge_adapters, resolve_targets
 from mmalign.models.builder import build_model
-from mmalign.train.checkpoint import load_weights, save_checkpoint, weights_step
-from mmalign.train.freeze import count_parameters, group_of, set_trainable
+from mmalign.train.checkpoint import MODEL_CONFIG, load_weights, save_checkpoint, weights_step
+from mmalign.train.freeze import count_parameters, group_of, module_patterns, set_trainable, trainable_table
 from mmalign.train.optim import build_optimizer_groups
 from mmalign.train.trainer import Objective, Trainer, batch_generator, to_device
 
@@ -43,16 +45,18 @@ class LMObjective(Objective):
         self.cfg = cfg
         self.out = Path(t.out_dir)
         self.model_cfg = deepcopy(cfg.model)
-        if t.finetune == "lora":
-            self.model_cfg.lora = deepcopy(t.lora)  # the checkpoint records the adapters it carries
+        if t.finetune == "qlora":
+            self.model_cfg.llm.quantize = "nf4"
         self.model, self.tokenizer = build_model(self.model_cfg)
-        set_trainable(self.model, t.trainable, t.finetune)  # names that select nothing fail before any data is read
         self.saved_groups = []
         if t.init_from:
-            loaded = load_weights(self.model, t.init_from)
-            # Parts that came from init_from (e.g. an LLM tuned earlier) cannot be reloaded from their `path`.
-            groups = group_of(self.model)
-            self.saved_groups = sorted({groups[name] for name in loaded if name in groups})
+            self._init_from(t.init_from)
+        if t.finetune != "full":  # the checkpoint records the adapters it carries, by full module name
+            lora = replace(t.lora, dora=t.finetune == "dora")
+            self.model_cfg.lora = replace(lora, modules=resolve_targets(self.model, t.trainable, lora))
+            inject_adapters(self.model, self.model_cfg.lora)
+        # names that select nothing fail here, before any data is read
+        set_trainable(self.model, t.trainable, t.lora.groups if t.finetune != "full" else ())
         processor = processor_for(self.model, self.tokenizer, cfg.data)
         self.collate = Collator(self.tokenizer.pad_token_id)
         self.train_ds = ConversationDataset(
@@ -62,6 +66,18 @@ class LMObjective(Objective):
         if cfg.data.val:
             val_ds = ConversationDataset(cfg.data.val, cfg.data.image_folder, processor)
             self.val_loader = DataLoader(val_ds, batch_size=t.batch_size, collate_fn=self.collate)
+
+    def _init_from(self, path: str) -> None:
+        """Weights of an earlier stage, whatever its strategy: adapters it trained are merged into their base
+        layers first, so this stage may train the same parts another way (full after LoRA, LoRA after full)."""
+        earlier = load_yaml(Path(path) / MODEL_CONFIG, ModelConfig) if (Path(path) / MODEL_CONFIG).is_file() else None
+        if earlier is not None and earlier.lora is not None:
+            inject_adapters(self.model, earlier.lora)
+        loaded = load_weights(self.model, path)
+        # Parts that came from init_from (e.g. an LLM tuned earlier) cannot be reloaded from their `path`.
+        groups = group_of(self.model)
+        self.saved_groups = sorted({groups[name] for name in loaded if name in groups})
+        merge_adapters(self.model)
 
     # ------------------------------------------------------------------------------------------ data
     def steps_per_epoch(self, batch_size: int) -> int:
@@ -126,7 +142,15 @@ class LMObjective(Objective):
 
     def describe(self) -> str:
         counts = count_parameters(self.model)
-        return ", ".join(f"{g} {a:,}/{b:,} trainable" for g, (a, b) in counts.items())
+        text = ", ".join(f"{g} {a:,}/{b:,} trainable" for g, (a, b) in counts.items())
+        lora = self.model_cfg.lora
+        if lora is not None:
+            kind = self.cfg.train.finetune
+            text += f"\n{kind} adapters on {len(lora.modules)} modules: " + ", ".join(module_patterns(lora.modules))
+        return text
+
+    def tables(self, optimizer_groups: list[dict]) -> list:
+        return [trainable_table(self.model, optimizer_groups)]
 
     def evaluate(self) -> dict[str, float]:
         if self.val_loader is None:

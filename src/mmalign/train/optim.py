@@ -7,24 +7,52 @@ import math
 import torch
 from torch import nn
 
-from mmalign.config import TrainConfig
+from mmalign.config import ConfigError, TrainConfig
+from mmalign.models.layers import depths
 from mmalign.train.freeze import group_of
 
 
+def group_lrs(cfg: TrainConfig) -> dict[str, float]:
+    """{group or prefix: peak lr}; `connector_lr` is shorthand for the connector entry."""
+    lrs = {"connector": cfg.connector_lr} if cfg.connector_lr else {}
+    return lrs | dict(cfg.group_lr)
+
+
+def lr_for(group: str, lrs: dict[str, float], default: float) -> float:
+    """The learning rate of the longest name in `lrs` that equals `group` or is a dotted prefix of it."""
+    hits = [name for name in lrs if group == name or group.startswith(name + ".")]
+    return lrs[max(hits, key=len)] if hits else default
+
+
 def build_optimizer_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
-    """AdamW groups: weight decay only on >= 2-D weights (never biases, norms, gates or temperatures); the connector
-    groups may have their own learning rate (LLaVA's mm_projector_lr)."""
+    """AdamW groups over the trainable parameters: a peak lr per declared group (`group_lr`), scaled by layer-wise
+    decay inside each group (the layer order freezing reads too), and weight decay only on >= 2-D weights (never
+    biases, norms, gates or temperatures). Each group carries `group` and `depth` for the printed table."""
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not trainable:
         raise ValueError(f"no trainable parameters (train.trainable={cfg.trainable})")
     groups = group_of(model)
-    is_connector = [groups.get(n, "").split(".")[0] == "connector" for n, _ in trainable]
-    connector = [p for (_, p), c in zip(trainable, is_connector, strict=True) if c]
-    rest = [p for (_, p), c in zip(trainable, is_connector, strict=True) if not c]
-    param_groups = []
-    for params, lr in ((connector, cfg.connector_lr or cfg.lr), (rest, cfg.lr)):
-        param_groups += [g | {"lr": lr} for g in decay_groups(params, cfg.weight_decay) if g["params"]]
-    return param_groups
+    modules = model.param_groups()
+    levels = {g: depths(m) for g, m in modules.items()} if cfg.layer_decay != 1.0 else {}
+    lrs = group_lrs(cfg)
+    unknown = [name for name in lrs if not any(g == name or g.startswith(name + ".") for g in modules)]
+    if unknown:
+        raise ConfigError(
+            f"train.group_lr names {unknown}, which select no group; this model's groups: {list(modules)}"
+        )
+    buckets: dict[tuple, list] = {}
+    for name, p in trainable:
+        group = groups.get(name, "")
+        depth, top = 0, 0
+        if group in levels:
+            depth, top = levels[group][0].get(id(p), 0), levels[group][1]
+        lr = lr_for(group, lrs, cfg.lr) * cfg.layer_decay ** (top - depth)
+        decay = cfg.weight_decay if p.ndim >= 2 else 0.0
+        buckets.setdefault((group, depth, lr, decay), []).append(p)
+    return [
+        {"params": params, "lr": lr, "weight_decay": decay, "group": group, "depth": depth}
+        for (group, depth, lr, decay), params in buckets.items()
+    ]
 
 
 def decay_groups(params: list[torch.nn.Parameter], weight_decay: float) -> list[dict]:

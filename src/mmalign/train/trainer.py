@@ -111,6 +111,10 @@ class Objective(nn.Module):
         """Extra figures logged with the losses (e.g. multi-task loss weights)."""
         return {}
 
+    def tables(self, optimizer_groups: list[dict]) -> list:
+        """Renderables printed before training (e.g. the trainable-parameter table)."""
+        return []
+
     def describe(self) -> str:
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
         return f"{self.name}: {trainable:,} trainable parameters"
@@ -270,6 +274,9 @@ class Trainer:
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
         self.console.print(f"[bold]{self.out}[/]: {self.total_steps} steps, {self.objective.describe()}")
+        if self.rank == 0:
+            for table in self.objective.tables(self.optimizer.param_groups):
+                self.console.print(table)
         start = time.time()
         columns = [
             TextColumn(f"[bold blue]{self.objective.name}"),
