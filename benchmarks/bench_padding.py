@@ -50,13 +50,14 @@ def stage2_instructions(n: int, rng: random.Random) -> tuple[list[int], list[str
 
 
 def datasets(n: int, seed: int) -> dict[str, tuple[list[int], list[str]]]:
-    one, two = stage1_captions(n, random.Random(seed)), stage2_instructions(n, random.Random(seed + 1))
-    half_one, half_two = (
-        stage1_captions(n // 2, random.Random(seed + 2)),
-        stage2_instructions(n - n // 2, random.Random(seed + 3)),
-    )
-    mixed = (half_one[0] + half_two[0], half_one[1] + half_two[1])
-    return {"stage-1 captions": one, "stage-2 instructions": two, "mixed": mixed}
+    """The three data sets, each drawn from its own seeded stream so changing one leaves the others as they were."""
+    captions = stage1_captions(n // 2, random.Random(seed + 2))
+    instructions = stage2_instructions(n - n // 2, random.Random(seed + 3))
+    return {
+        "stage-1 captions": stage1_captions(n, random.Random(seed)),
+        "stage-2 instructions": stage2_instructions(n, random.Random(seed + 1)),
+        "mixed": (captions[0] + instructions[0], captions[1] + instructions[1]),
+    }
 
 
 def chunks(items: list, size: int) -> list[list]:

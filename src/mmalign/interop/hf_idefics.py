@@ -127,10 +127,10 @@ def _check_exportable(model: FlamingoLM, cfg: ModelConfig, llm: nn.Module) -> No
 def export_hf_idefics(model: FlamingoLM, tokenizer, model_cfg: ModelConfig, out: str | Path) -> Path:
     """Write `out` so that IdeficsForVisionText2Text.from_pretrained loads it (with the tokenizer and an
     IdeficsProcessor whose image processor preprocesses as we do)."""
+    model = merged_copy(model)  # adapters folded into their base weights; the live model keeps them
     from transformers import IdeficsConfig, IdeficsForVisionText2Text, IdeficsProcessor
     from transformers.models.idefics.image_processing_pil_idefics import IdeficsImageProcessorPil
 
-    model = merged_copy(model)  # adapters folded into their base weights; the live model keeps them
     llm = model.llm
     _check_exportable(model, model_cfg, llm)
     text, fl = llm.config, model_cfg.flamingo

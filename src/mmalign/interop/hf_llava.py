@@ -29,6 +29,7 @@ def _strategy(encoder: VisionEncoder) -> str:
 
 def export_hf_llava(model: MultimodalLM, tokenizer, model_cfg: ModelConfig, out: str | Path):
     """Write `out` so that LlavaForConditionalGeneration.from_pretrained and AutoProcessor load it."""
+    model = merged_copy(model)  # adapters folded into their base weights; the live model keeps them
     from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
     if getattr(model, "family", None) != "projector" or model.modalities != ["image"]:
@@ -44,7 +45,6 @@ def export_hf_llava(model: MultimodalLM, tokenizer, model_cfg: ModelConfig, out:
         )
     if not isinstance(enc, VisionEncoder):
         raise ValueError(f"hf-llava export needs a single CLIP or SigLIP tower; this model has {type(enc).__name__}")
-    model = merged_copy(model)  # adapters folded into their base weights; the live model keeps them
     llm = model.llm
     config = LlavaConfig(
         vision_config=enc.tower.config.to_dict(),

@@ -53,7 +53,9 @@ def layer_stack(module: nn.Module) -> nn.ModuleList | None:
     layers, a vision tower's encoder layers). None when the group has no such stack (a projector)."""
     best, best_size = None, 0
     for child in module.modules():
-        if isinstance(child, nn.ModuleList) and len(child) > 1 and len({type(m) for m in child}) == 1:
+        blocks = isinstance(child, nn.ModuleList) and len(child) > 1 and len({type(m) for m in child}) == 1
+        # a list of bare layers (a projector's Linears) is one level, not a stack of blocks
+        if blocks and all(any(True for _ in m.children()) for m in child):
             size = sum(p.numel() for p in child.parameters())
             if size > best_size:
                 best, best_size = child, size

@@ -10,6 +10,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -27,6 +28,53 @@ from mmalign.train.optim import decay_groups, warmup_cosine
 
 TRAINER_STATE = "trainer_state.pt"
 OBJECTIVE_WEIGHTS = "objective.safetensors"
+STAGING = ".saving"
+COMPLETE = "COMPLETE"
+
+
+def sync_file(path: Path) -> None:
+    """Flush a file (or a folder's entries) to disk, so a power loss cannot undo what a later step relies on."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sync_tree(root: Path) -> None:
+    for path in sorted(root.rglob("*")):
+        sync_file(path)
+    sync_file(root)
+
+
+def finish_staged(out: Path) -> None:
+    """Move a complete staged save into `out`, file by file; drop an incomplete one. Idempotent: a run killed
+    while moving finishes the same moves when it resumes, so `out` never keeps a mix of two saves."""
+    staging = out / STAGING
+    if not staging.is_dir():
+        return
+    if (staging / COMPLETE).is_file():
+        for path in sorted(p for p in staging.rglob("*") if p.is_file() and p.name != COMPLETE):
+            target = out / path.relative_to(staging)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(path, target)
+        sync_file(out)
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+def truncate_log(path: Path, step: int) -> None:
+    """Drop log rows after `step` (written by a run killed before its next save), so a resumed run's metrics read
+    as one run."""
+    if not path.is_file():
+        return
+    rows = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = [line for line in rows if json.loads(line).get("step", 0) <= step]
+    if len(kept) != len(rows):
+        path.write_text("".join(line + "\n" for line in kept))
+
+
+def dist_ready() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 def pick_device(name: str) -> torch.device:
@@ -187,6 +235,10 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ state
     def _restore(self) -> None:
+        if self.rank == 0:
+            finish_staged(self.out)  # a save killed after it was complete is finished; one killed earlier dropped
+        if dist_ready():
+            torch.distributed.barrier()
         path = self.out / TRAINER_STATE
         if not path.is_file():
             raise FileNotFoundError(f"--resume: no {TRAINER_STATE} in {self.out}; nothing to resume")
@@ -195,7 +247,7 @@ class Trainer:
         if stamped is not None and stamped != saved["state"]["step"]:
             raise RuntimeError(
                 f"{self.out}: weights are from step {stamped} but {TRAINER_STATE} from step {saved['state']['step']}"
-                " (a save was cut short); restart the run or restore a consistent copy"
+                " (files from different saves); restart the run or restore a consistent copy"
             )
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
@@ -203,6 +255,8 @@ class Trainer:
         torch.set_rng_state(saved["rng"])
         if saved.get("cuda_rng") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(saved["cuda_rng"])
+        if self.rank == 0:
+            truncate_log(self.out / "metrics.jsonl", self.state["step"])
         self.console.print(f"resumed {self.out} at step {self.state['step']}/{self.total_steps}")
 
     def _commit(self) -> None:
@@ -212,12 +266,16 @@ class Trainer:
         self._committed = (dict(self.state), torch.get_rng_state(), cuda)
 
     def save(self) -> Path:
-        """Objective weights, then the trainer state, each written to a temporary name and renamed."""
+        """Objective weights and trainer state of the last completed step, as one unit: written in full to a
+        staging folder, marked complete, then moved into place (see `finish_staged`). A run killed at any instant
+        resumes from the last complete save."""
         if self.rank > 0:
             return self.out
         state, rng, cuda_rng = self._committed
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.objective.save(self.out, state["step"])
+        staging = self.out / STAGING
+        shutil.rmtree(staging, ignore_errors=True)  # an incomplete save from a killed run
+        staging.mkdir(parents=True)
+        self.objective.save(staging, state["step"])
         trainer_state = {
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -225,8 +283,13 @@ class Trainer:
             "rng": rng,
             "cuda_rng": cuda_rng,
         }
-        torch.save(trainer_state, self.out / f"{TRAINER_STATE}.tmp")
-        os.replace(self.out / f"{TRAINER_STATE}.tmp", self.out / TRAINER_STATE)
+        torch.save(trainer_state, staging / TRAINER_STATE)
+        sync_tree(staging)
+        (staging / f"{COMPLETE}.tmp").write_text(str(state["step"]))
+        sync_file(staging / f"{COMPLETE}.tmp")
+        os.replace(staging / f"{COMPLETE}.tmp", staging / COMPLETE)  # the commit point
+        sync_file(staging)
+        finish_staged(self.out)
         return self.out
 
     def _log(self, row: dict) -> None:
