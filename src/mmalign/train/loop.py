@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 
 from mmalign.config import ModelConfig, RecipeConfig, check_recipe, load_yaml
 from mmalign.constants import IGNORE_INDEX
+from mmalign.contrastive.distributed import rank_and_world
 from mmalign.data.dataset import Collator, ConversationDataset, epoch_order
 from mmalign.data.processor import SampleError, processor_for
 from mmalign.models.adapters import inject_adapters, merge_adapters, resolve_targets
@@ -28,6 +29,15 @@ class TooManyBadSamples(RuntimeError):
     pass
 
 
+def shard(chunk: list[int], order: list[int], batch_size: int, rank: int, world: int) -> list[int]:
+    """This rank's slice of a global batch; a short last batch is filled from the epoch's start, so every rank
+    steps with samples."""
+    if world == 1:
+        return chunk
+    chunk = chunk + order[: batch_size * world - len(chunk)]
+    return chunk[rank * batch_size : (rank + 1) * batch_size]
+
+
 def model_inputs(batch: dict) -> dict:
     keys = ("input_ids", "attention_mask", "media", "labels")
     return {k: batch[k] for k in keys} | {"sample_ids": batch["ids"]}
@@ -37,6 +47,7 @@ class LMObjective(Objective):
     """Next-token prediction on the answer tokens, for a model built from a recipe's `model` section."""
 
     name = "lm"
+    shards_data = True
 
     def __init__(self, cfg: RecipeConfig):
         super().__init__()
@@ -81,17 +92,25 @@ class LMObjective(Objective):
 
     # ------------------------------------------------------------------------------------------ data
     def steps_per_epoch(self, batch_size: int) -> int:
-        return -(-len(self.train_ds) // batch_size)
+        return -(-len(self.train_ds) // (batch_size * rank_and_world()[1]))
 
     def batches(self, state: dict, cfg, log):
-        """Collated batches from the saved (epoch, cursor) on; the cursor counts batches handed out. Batches whose
-        samples all failed are accounted for and passed over."""
+        """Collated batches from the saved (epoch, cursor) on; the cursor counts (global) batches handed out.
+        Under torchrun each rank takes its slice of every global batch of batch_size * world samples, so N ranks
+        see what one process with an N times larger batch would. Batches whose samples all failed are accounted
+        for and passed over."""
         bs, seed = cfg.batch_size, cfg.seed
+        rank, world = rank_and_world()
         while True:
             order = epoch_order(len(self.train_ds), seed, state["epoch"])
-            chunks = [order[i : i + bs] for i in range(0, len(order), bs)][state["cursor"] :]
+            chunks = [
+                shard(order[i : i + bs * world], order, bs, rank, world) for i in range(0, len(order), bs * world)
+            ]
             loader = DataLoader(
-                self.train_ds, batch_sampler=chunks, collate_fn=self.collate, num_workers=self.cfg.data.num_workers
+                self.train_ds,
+                batch_sampler=chunks[state["cursor"] :],
+                collate_fn=self.collate,
+                num_workers=self.cfg.data.num_workers,
             )
             for batch in loader:
                 state["cursor"] += 1
@@ -99,6 +118,8 @@ class LMObjective(Objective):
                 if batch["ids"]:
                     self._blank_media(batch, batch_generator(seed, state["epoch"] * 1_000_003 + state["cursor"]))
                     yield batch
+                elif world > 1:  # the other ranks would wait for this one's gradients forever
+                    raise TooManyBadSamples(f"rank {rank}: every sample of batch {state['cursor']} was bad")
             state["epoch"] += 1
             state["cursor"] = 0
 

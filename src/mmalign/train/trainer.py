@@ -23,7 +23,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from mmalign.config import RecipeConfig, TrainConfig, apply_overrides
-from mmalign.contrastive.distributed import rank_and_world
+from mmalign.contrastive.distributed import init_distributed
 from mmalign.train.optim import decay_groups, warmup_cosine
 
 TRAINER_STATE = "trainer_state.pt"
@@ -73,13 +73,26 @@ def truncate_log(path: Path, step: int) -> None:
         path.write_text("".join(line + "\n" for line in kept))
 
 
+def all_reduce_sum(values: dict[str, float]) -> dict[str, float]:
+    """Sum each named number over ranks (every rank must pass the same names)."""
+    names = sorted(values)
+    total = torch.tensor([float(values[n]) for n in names], dtype=torch.float64)
+    torch.distributed.all_reduce(total)
+    return dict(zip(names, total.tolist(), strict=True))
+
+
 def dist_ready() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 def pick_device(name: str) -> torch.device:
+    """`auto`: the GPU of this process's local rank (torchrun sets LOCAL_RANK), else the CPU."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+        return device
     return torch.device(name)
 
 
@@ -119,6 +132,13 @@ class Objective(nn.Module):
     """
 
     name = "objective"
+    # Whether `batches` hands each rank its own slice of a global batch (see `shard`); the Trainer then runs the
+    # objective under DistributedDataParallel. Objectives that sample per rank and gather themselves leave it False.
+    shards_data = False
+    forward_fn = None  # set by the Trainer: the DDP-wrapped forward
+
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        return self.losses(batch)
 
     def steps_per_epoch(self, batch_size: int) -> int | None:
         """Batches in one pass over the data; None for objectives that sample with replacement."""
@@ -141,7 +161,7 @@ class Objective(nn.Module):
         """Accumulate gradients of sum(loss / window count) into `.grad`; return the detached sums. Objectives that
         cannot split a batch into independent parts (GradCache) override this."""
         with autocast:
-            sums = self.losses(batch)
+            sums = (self.forward_fn or self)(batch)
         sum(value / window[name] for name, value in sums.items()).backward()
         return {name: value.item() for name, value in sums.items()}
 
@@ -211,9 +231,19 @@ class Trainer:
         self.objective, self.cfg = objective, cfg
         self.console = console or Console()
         self.out = Path(cfg.out_dir)
-        self.rank, _ = rank_and_world()
+        self.rank, self.world = init_distributed()
         self.device = pick_device(cfg.device)
         objective.to(self.device).train()
+        self.ddp = None
+        if self.world > 1 and objective.shards_data:
+            from torch.nn.parallel import DistributedDataParallel
+
+            # Rank 0's weights are broadcast here; gradients are averaged in buckets during backward.
+            self.ddp = DistributedDataParallel(
+                objective, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=True,  # a batch without some modality leaves its connector unused
+            )  # fmt: skip
+            objective.forward_fn = lambda batch: self.ddp(batch)  # a lambda: not registered as a submodule
         per_epoch = objective.steps_per_epoch(cfg.batch_size)
         if not cfg.max_steps and per_epoch is None:
             raise ValueError(f"{objective.name} samples with replacement: set train.max_steps")
@@ -305,14 +335,21 @@ class Trainer:
         for batch in micro:
             for name, n in self.objective.counts(batch).items():
                 window[name] = window.get(name, 0) + n
+        if self.ddp is not None:  # normalise by the global batch's counts; DDP's mean over ranks undoes the factor
+            window = {name: n / self.world for name, n in all_reduce_sum(window).items()}
         window = {name: max(n, 1) for name, n in window.items()}
         sums: dict[str, float] = {}
-        for batch in micro:
+        for i, batch in enumerate(micro):
             batch = to_device(batch, self.device)
-            for name, value in self.objective.backward(
-                batch, window, autocast_for(self.cfg.precision, self.device)
-            ).items():
-                sums[name] = sums.get(name, 0.0) + value
+            last = i == len(micro) - 1
+            sync = self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext()
+            with sync:  # gradients are averaged over ranks once per step, on the last micro-batch
+                for name, value in self.objective.backward(
+                    batch, window, autocast_for(self.cfg.precision, self.device)
+                ).items():
+                    sums[name] = sums.get(name, 0.0) + value
+        if self.ddp is not None:  # the logged loss is the global batch's
+            sums = {name: value / self.world for name, value in all_reduce_sum(sums).items()}
         self.objective.before_optimizer_step()
         if self.cfg.clip_grad > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.cfg.clip_grad)
