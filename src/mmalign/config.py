@@ -474,11 +474,11 @@ def check_recipe(cfg: RecipeConfig) -> None:
             "full anyway; set train.finetune=lora (adapter settings live in train.lora) or model.lora=null"
         )
     if t.finetune != "full":
-        from mmalign.models.layers import parse_selector
+        from mmalign.models.layers import parse_selector, under
 
         picked = [parse_selector(s).group for s in t.trainable]
         adapted = [parse_selector(g, "train.lora.groups").group for g in t.lora.groups]
-        overlap = [g for g in picked for a in adapted if g == a or g.startswith(a + ".") or a.startswith(g + ".")]
+        overlap = [g for g in picked for a in adapted if under(g, a) or under(a, g)]
         if not overlap:
             raise ConfigError(
                 f"train.finetune={t.finetune} adapts train.lora.groups={t.lora.groups}, but train.trainable="

@@ -18,6 +18,11 @@ from mmalign.config import ConfigError
 _SELECTOR = re.compile(r"^(?P<group>[A-Za-z_][\w.]*?)(?:\.layers\[(?P<index>[^\]]*)\])?$")
 
 
+def under(group: str, name: str) -> bool:
+    """Whether `name` selects `group`: equal to it or a dotted prefix of it (`encoder` selects `encoder.image`)."""
+    return group == name or group.startswith(name + ".")
+
+
 @dataclass(frozen=True)
 class Selector:
     text: str
@@ -25,7 +30,7 @@ class Selector:
     layers: slice | None  # None: the whole group
 
     def picks(self, group: str) -> bool:
-        return group == self.group or group.startswith(self.group + ".")
+        return under(group, self.group)
 
 
 def parse_selector(text: str, key: str = "train.trainable") -> Selector:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from mmalign.models.layers import parse_selector, select
+from mmalign.models.layers import select
 
 
 def select_groups(model: nn.Module, names: list[str], key: str = "train.trainable") -> list[str]:
@@ -20,18 +20,14 @@ def group_of(model: nn.Module) -> dict[str, str]:
     return {name: by_id[id(p)] for name, p in model.named_parameters(remove_duplicate=False) if id(p) in by_id}
 
 
-def in_groups(group: str, names: list[str]) -> bool:
-    """Whether `group` is one of `names` or under one of them as a dotted prefix."""
-    return any(parse_selector(n).picks(group) for n in names)
-
-
 def set_trainable(model: nn.Module, trainable: list[str], adapted: list[str] = ()) -> None:
     """Freeze everything, then unfreeze what `trainable` selects (groups or layer ranges). In the `adapted` groups
     only the LoRA adapters of the selected parts train (they must already be injected)."""
     model.requires_grad_(False)
+    adapted_groups = select(model, list(adapted), "train.lora.groups") if adapted else {}
     for group, modules in select(model, trainable).items():
         for module in modules:
-            if in_groups(group, list(adapted)):
+            if group in adapted_groups:
                 for name, p in module.named_parameters():
                     p.requires_grad = "lora_" in name
             else:
@@ -71,13 +67,9 @@ def trainable_table(model: nn.Module, optimizer_groups: list[dict]):
             on = [i for i, block in enumerate(stack) if any(p.requires_grad for p in block.parameters())]
             layers = "all" if len(on) == len(stack) else f"{compress(on)} of {len(stack)}"
         rates = lrs.get(group, [])
-        rate = (
-            ""
-            if not rates
-            else f"{max(rates):.2e}"
-            if min(rates) == max(rates)
-            else f"{min(rates):.1e}-{max(rates):.1e}"
-        )
+        rate = f"{min(rates):.1e}-{max(rates):.1e}" if rates else ""
+        if rates and min(rates) == max(rates):
+            rate = f"{rates[0]:.2e}"
         table.add_row(group, f"{trained:,}", f"{sum(p.numel() for p in params):,}", layers, rate)
     return table
 

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from mmalign.config import ConfigError, TrainConfig
-from mmalign.models.layers import depths
+from mmalign.models.layers import depths, under
 from mmalign.train.freeze import group_of
 
 
@@ -20,7 +20,7 @@ def group_lrs(cfg: TrainConfig) -> dict[str, float]:
 
 def lr_for(group: str, lrs: dict[str, float], default: float) -> float:
     """The learning rate of the longest name in `lrs` that equals `group` or is a dotted prefix of it."""
-    hits = [name for name in lrs if group == name or group.startswith(name + ".")]
+    hits = [name for name in lrs if under(group, name)]
     return lrs[max(hits, key=len)] if hits else default
 
 
@@ -35,7 +35,7 @@ def build_optimizer_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
     modules = model.param_groups()
     levels = {g: depths(m) for g, m in modules.items()} if cfg.layer_decay != 1.0 else {}
     lrs = group_lrs(cfg)
-    unknown = [name for name in lrs if not any(g == name or g.startswith(name + ".") for g in modules)]
+    unknown = [name for name in lrs if not any(under(g, name) for g in modules)]
     if unknown:
         raise ConfigError(
             f"train.group_lr names {unknown}, which select no group; this model's groups: {list(modules)}"

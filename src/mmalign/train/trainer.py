@@ -81,10 +81,6 @@ def all_reduce_sum(values: dict[str, float]) -> dict[str, float]:
     return dict(zip(names, total.tolist(), strict=True))
 
 
-def dist_ready() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
 def pick_device(name: str) -> torch.device:
     """`auto`: the GPU of this process's local rank (torchrun sets LOCAL_RANK), else the CPU."""
     if name == "auto":
@@ -267,7 +263,7 @@ class Trainer:
     def _restore(self) -> None:
         if self.rank == 0:
             finish_staged(self.out)  # a save killed after it was complete is finished; one killed earlier dropped
-        if dist_ready():
+        if self.world > 1:  # the other ranks read what rank 0 just finished moving
             torch.distributed.barrier()
         path = self.out / TRAINER_STATE
         if not path.is_file():
