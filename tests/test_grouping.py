@@ -191,7 +191,7 @@ def test_packed_collator_keeps_errors_apart_and_turns_too_long_into_one():
     bad = {"id": "broken", "error": "sample broken: missing image"}
     items = [sample("s0", 4), bad, sample("s1", 12), sample("s2", 3)]
     batch = PackedCollator(pad_id=PAD, max_len=10)(items)
-    assert batch["errors"] == [bad, {"id": "s1", "error": "sample s1: 12 tokens do not fit train.pack_length=10"}]
+    assert batch["errors"] == [bad, {"id": "s1", "error": "sample s1: 12 tokens do not fit data.pack_length=10"}]
     assert batch["ids"] == ["s0", "s2"]
     assert batch["input_ids"].shape == (1, 7)
     assert batch["media"] == {}

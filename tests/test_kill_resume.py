@@ -99,10 +99,11 @@ def _saved_step(run_dir) -> int:
         return 0
 
 
-def test_sigkill_after_the_second_checkpoint_resumes_with_the_same_losses(base, shapes, tmp_path):
+@pytest.mark.parametrize("data", [{}, {"group_by_length": True, "pack_length": 1024}], ids=["plain", "packed"])
+def test_sigkill_after_the_second_checkpoint_resumes_with_the_same_losses(base, shapes, tmp_path, data):
     runs = {}
     for name in ("straight", "killed"):
-        cfg = recipe(base, shapes, tmp_path / name, max_steps=40, save_every=3, batch_size=4)
+        cfg = recipe(base, shapes, tmp_path / name, max_steps=40, save_every=3, batch_size=4, data=data)
         save_yaml(cfg, tmp_path / f"{name}.yaml")
         runs[name] = tmp_path / name / "run"
     env = os.environ | {"OMP_NUM_THREADS": "1"}  # the same thread count in every process: bitwise-equal losses

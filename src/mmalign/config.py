@@ -191,6 +191,15 @@ class DataConfig:
     )
     max_skip_fraction: float = _f(0.1, "stop when more than this fraction of samples seen were skipped", ge=0.0)
     num_workers: int = _f(0, "DataLoader worker processes", ge=0)
+    group_by_length: bool = _f(
+        False, "batch samples of similar token length and the same modalities together: less padding, same samples"
+    )
+    pack_length: int = _f(
+        0,
+        "pack each batch's samples into rows of at most this many tokens (positions restart per sample, no attention "
+        "across samples); 0 = one sample per row. Early-fusion families (projector, onellm) only",
+        ge=0,
+    )
     blank_media_prob: float = _f(
         0.0,
         "chance a training media item is replaced by zeros (modality dropout: blind questions get prior answers)",
@@ -486,6 +495,17 @@ def check_recipe(cfg: RecipeConfig) -> None:
             )
     if not cfg.model.media:
         raise ConfigError("model.media is empty: name at least one modality (e.g. image)")
+    d = cfg.data
+    if d.pack_length and cfg.model.family == "flamingo":
+        raise ConfigError(
+            "data.pack_length: the flamingo family attends to each row's media by cross-attention, so samples "
+            "cannot share a row; set data.pack_length=0 (data.group_by_length=true also cuts padding)"
+        )
+    if 0 < d.pack_length < d.max_length:
+        raise ConfigError(
+            f"data.pack_length={d.pack_length} is below data.max_length={d.max_length}: the longest samples would "
+            "fit no row; raise pack_length or lower max_length"
+        )
 
 
 def describe(cls: type = RecipeConfig, prefix: str = "") -> list[tuple[str, str, str]]:

@@ -36,6 +36,7 @@ class ConversationDataset(Dataset):
             self.sources += [(str(p) if len(paths) > 1 else None, i) for i in keep]
         self.media_folder = Path(media_folder)
         self.processor = processor
+        self._lengths: tuple[list[int], list[str]] | None = None
 
     def __len__(self) -> int:
         return len(self.records)
@@ -49,6 +50,23 @@ class ConversationDataset(Dataset):
         except SampleError as err:
             return {"id": err.sample_id, "error": f"{source}: {err}" if source else str(err)}
         return {"id": conv.id, "input_ids": input_ids, "labels": labels, "media": media}
+
+    def lengths(self) -> tuple[list[int], list[str]]:
+        """Each sample's token count (media tokens included) and the modalities it carries ("image", "audio+image",
+        "text"), from the text alone, no media read. A sample that fails counts 0 in group "bad"; it fails again,
+        with its message, when it is read for training."""
+        if self._lengths is None:
+            lengths, groups = [], []
+            for record, (_, local) in zip(self.records, self.sources, strict=True):
+                try:
+                    conv = parse_record(record, local)
+                    lengths.append(len(self.processor.tokenize(conv)[0]))
+                    groups.append("+".join(sorted(conv.media)) or "text")
+                except SampleError:
+                    lengths.append(0)
+                    groups.append("bad")
+            self._lengths = (lengths, groups)
+        return self._lengths
 
 
 def subset_size(n: int, fraction: float) -> int:

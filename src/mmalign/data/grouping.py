@@ -176,7 +176,7 @@ class PackedCollator:
         return batch
 
     def too_long(self, item: dict) -> str:
-        return f"sample {item['id']}: {len(item['input_ids'])} tokens do not fit train.pack_length={self.max_len}"
+        return f"sample {item['id']}: {len(item['input_ids'])} tokens do not fit data.pack_length={self.max_len}"
 
     def fill(self, rows: list[list[dict]]) -> dict[str, torch.Tensor]:
         """The (R, T) tensors of packed rows."""

@@ -158,13 +158,17 @@ class MultimodalLM(nn.Module):
         media: dict[str, torch.Tensor] | None = None,
         labels: torch.Tensor | None = None,
         sample_ids: list | None = None,
+        position_ids: torch.Tensor | None = None,
     ) -> dict:
         """Without labels: {"logits": (B, T, V)}. With labels: {"loss_sum", "n_tokens"}.
 
         In training the LM head runs only at positions whose next token is supervised, so the (B, T, V) logits of
-        media and prompt positions are never built.
+        media and prompt positions are never built. Packed rows (several samples per row) come with `position_ids`
+        that restart at 0 for each sample and no `attention_mask`: the decoder then keeps the samples apart.
         """
         embeds, extra = self.decoder_inputs(input_ids, media, sample_ids)
+        if position_ids is not None:
+            extra = extra | {"position_ids": position_ids}
         out = self.decoder(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False, **extra)
         hidden = out.last_hidden_state
         if labels is None:

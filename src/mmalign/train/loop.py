@@ -16,6 +16,7 @@ from mmalign.config import ModelConfig, RecipeConfig, check_recipe, load_yaml
 from mmalign.constants import IGNORE_INDEX
 from mmalign.contrastive.distributed import rank_and_world
 from mmalign.data.dataset import Collator, ConversationDataset, epoch_order
+from mmalign.data.grouping import PackedCollator, length_grouped_batches
 from mmalign.data.processor import SampleError, processor_for
 from mmalign.models.adapters import inject_adapters, merge_adapters, resolve_targets
 from mmalign.models.builder import build_model
@@ -40,7 +41,10 @@ def shard(chunk: list[int], order: list[int], batch_size: int, rank: int, world:
 
 def model_inputs(batch: dict) -> dict:
     keys = ("input_ids", "attention_mask", "media", "labels")
-    return {k: batch[k] for k in keys} | {"sample_ids": batch["ids"]}
+    inputs = {k: batch[k] for k in keys} | {"sample_ids": batch["ids"]}
+    if "position_ids" in batch:  # packed rows: restarting positions, not a padding mask, keep samples apart
+        inputs |= {"attention_mask": None, "position_ids": batch["position_ids"]}
+    return inputs
 
 
 class LMObjective(Objective):
@@ -69,7 +73,9 @@ class LMObjective(Objective):
         # names that select nothing fail here, before any data is read
         set_trainable(self.model, t.trainable, t.lora.groups if t.finetune != "full" else ())
         processor = processor_for(self.model, self.tokenizer, cfg.data)
-        self.collate = Collator(self.tokenizer.pad_token_id)
+        pad = self.tokenizer.pad_token_id
+        self.collate = Collator(pad)
+        self.train_collate = PackedCollator(pad, cfg.data.pack_length) if cfg.data.pack_length else self.collate
         self.train_ds = ConversationDataset(
             cfg.data.train, cfg.data.image_folder, processor, cfg.data.train_fractions, t.seed
         )
@@ -92,7 +98,7 @@ class LMObjective(Objective):
 
     # ------------------------------------------------------------------------------------------ data
     def steps_per_epoch(self, batch_size: int) -> int:
-        return -(-len(self.train_ds) // (batch_size * rank_and_world()[1]))
+        return len(self.epoch_batches(0, batch_size * rank_and_world()[1], self.cfg.train.seed))
 
     def batches(self, state: dict, cfg, log):
         """Collated batches from the saved (epoch, cursor) on; the cursor counts (global) batches handed out.
@@ -102,14 +108,13 @@ class LMObjective(Objective):
         bs, seed = cfg.batch_size, cfg.seed
         rank, world = rank_and_world()
         while True:
-            order = epoch_order(len(self.train_ds), seed, state["epoch"])
-            chunks = [
-                shard(order[i : i + bs * world], order, bs, rank, world) for i in range(0, len(order), bs * world)
-            ]
+            batches = self.epoch_batches(state["epoch"], bs * world, seed)
+            order = [i for batch in batches for i in batch]
+            chunks = [shard(batch, order, bs, rank, world) for batch in batches]
             loader = DataLoader(
                 self.train_ds,
                 batch_sampler=chunks[state["cursor"] :],
-                collate_fn=self.collate,
+                collate_fn=self.train_collate,
                 num_workers=self.cfg.data.num_workers,
             )
             for batch in loader:
@@ -122,6 +127,14 @@ class LMObjective(Objective):
                     raise TooManyBadSamples(f"rank {rank}: every sample of batch {state['cursor']} was bad")
             state["epoch"] += 1
             state["cursor"] = 0
+
+    def epoch_batches(self, epoch: int, size: int, seed: int) -> list[list[int]]:
+        """The epoch's global batches of sample indices: a pure function of (seed, epoch), so resume replays it."""
+        if self.cfg.data.group_by_length:
+            lengths, groups = self.train_ds.lengths()
+            return length_grouped_batches(lengths, size, seed, epoch, groups)
+        order = epoch_order(len(self.train_ds), seed, epoch)
+        return [order[i : i + size] for i in range(0, len(order), size)]
 
     def _account(self, batch: dict, state: dict, log) -> None:
         data = self.cfg.data
