@@ -239,12 +239,21 @@ class TrainConfig:
     precision: Literal["auto", "bf16", "fp32"] = _f(
         "auto", "auto (bf16 autocast where the hardware has it) | bf16 | fp32"
     )
+    activation_checkpointing: bool = _f(
+        False, "recompute each block's activations in backward (LLM and encoder stacks): less memory, more compute"
+    )
+    distributed: Literal["ddp", "fsdp"] = _f(
+        "ddp", "under torchrun: ddp (a full copy per process) | fsdp (FSDP2: parameters, gradients, optimizer sharded)"
+    )
     seed: int = _f(0, "seed for init, data order and dropout")
     eval_every: int = _f(0, "steps between validation passes; 0 = only at the end", ge=0)
     save_every: int = _f(0, "steps between resumable checkpoints; 0 = only at the end", ge=0)
     log_every: int = _f(10, "steps between log lines in metrics.jsonl", ge=0)
     device: str = _f("auto", "auto | cpu | cuda | cuda:N")
     progress: bool = _f(True, "show a progress bar")
+    tensorboard: bool = _f(
+        False, "also log to TensorBoard under out_dir/tensorboard (pip install 'mmalign[tensorboard]')"
+    )
 
 
 @dataclass

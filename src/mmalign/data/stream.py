@@ -188,14 +188,17 @@ def _tar_records(path: Path, tar: tarfile.TarFile, files: list[tarfile.TarInfo])
 
 def _extract(path: Path, tar: tarfile.TarFile, files: list[tarfile.TarInfo], scratch: Path) -> None:
     """Regular files only, under the `data` filter where this Python has it (it refuses anything that would land
-    outside the folder); a refused member removes what was extracted and fails naming the member."""
+    outside the folder); a refused member fails naming it. Any failure (a refusal, a full disk) removes what was
+    extracted, so no half-extracted shard is left behind."""
     kwargs = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
     try:
         tar.extractall(scratch, members=files, **kwargs)
-    except tarfile.TarError as err:
+    except BaseException as err:
         shutil.rmtree(scratch, ignore_errors=True)
-        member = getattr(getattr(err, "tarinfo", None), "name", "?")
-        raise ValueError(f"{path}: member {member!r} refused on extraction ({err})") from err
+        if isinstance(err, tarfile.TarError):
+            member = getattr(getattr(err, "tarinfo", None), "name", "?")
+            raise ValueError(f"{path}: member {member!r} refused on extraction ({err})") from err
+        raise
 
 
 # ---------------------------------------------------------------- media fields of a record

@@ -11,7 +11,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from mmalign.config import ConfigError
 
@@ -113,3 +115,33 @@ def select(model: nn.Module, selectors: list[str], key: str = "train.trainable")
             known = out.setdefault(group, [])
             known += [m for m in modules if all(m is not k for k in known)]
     return out
+
+
+# ---------------------------------------------------------------- activation checkpointing
+_CHECKPOINTED: dict[type, type] = {}
+
+
+def _checkpointed(cls: type) -> type:
+    """`cls` whose forward keeps no activations in training: backward runs it again. A subclass rather than a
+    wrapper module, so parameter names, checkpoints and selectors see the same model."""
+    if cls not in _CHECKPOINTED:
+
+        def forward(self, *args, **kwargs):
+            if not (self.training and torch.is_grad_enabled()):
+                return cls.forward(self, *args, **kwargs)
+            return checkpoint(cls.forward, self, *args, use_reentrant=False, **kwargs)
+
+        _CHECKPOINTED[cls] = type(f"Checkpointed{cls.__name__}", (cls,), {"forward": forward})
+    return _CHECKPOINTED[cls]
+
+
+def checkpoint_stacks(model: nn.Module) -> int:
+    """Turn on activation checkpointing for every block of every group's stack; returns how many blocks."""
+    n = 0
+    for module in model.param_groups().values():
+        stack = layer_stack(module)
+        for block in stack if stack is not None else []:
+            if type(block) not in _CHECKPOINTED.values():
+                block.__class__ = _checkpointed(type(block))
+                n += 1
+    return n

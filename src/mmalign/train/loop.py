@@ -20,6 +20,7 @@ from mmalign.data.grouping import PackedCollator, length_grouped_batches
 from mmalign.data.processor import SampleError, processor_for
 from mmalign.models.adapters import inject_adapters, merge_adapters, resolve_targets
 from mmalign.models.builder import build_model
+from mmalign.models.layers import checkpoint_stacks
 from mmalign.train.checkpoint import MODEL_CONFIG, load_weights, save_checkpoint, weights_step
 from mmalign.train.freeze import count_parameters, group_of, module_patterns, set_trainable, trainable_table
 from mmalign.train.optim import build_optimizer_groups
@@ -72,6 +73,8 @@ class LMObjective(Objective):
             inject_adapters(self.model, self.model_cfg.lora)
         # names that select nothing fail here, before any data is read
         set_trainable(self.model, t.trainable, t.lora.groups if t.finetune != "full" else ())
+        if t.activation_checkpointing:
+            checkpoint_stacks(self.model)
         processor = processor_for(self.model, self.tokenizer, cfg.data)
         pad = self.tokenizer.pad_token_id
         self.collate = Collator(pad)

@@ -22,7 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from mmalign.config import RecipeConfig, TrainConfig, apply_overrides
+from mmalign.config import ConfigError, RecipeConfig, TrainConfig, apply_overrides
 from mmalign.contrastive.distributed import init_distributed
 from mmalign.train.optim import decay_groups, warmup_cosine
 
@@ -79,6 +79,17 @@ def all_reduce_sum(values: dict[str, float]) -> dict[str, float]:
     total = torch.tensor([float(values[n]) for n in names], dtype=torch.float64)
     torch.distributed.all_reduce(total)
     return dict(zip(names, total.tolist(), strict=True))
+
+
+def tensorboard_writer(out: Path):
+    """A TensorBoard writer under `out/tensorboard`; a clear error when the optional package is missing."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as err:
+        raise ConfigError(
+            "train.tensorboard=true needs the tensorboard package: pip install 'mmalign[tensorboard]'"
+        ) from err
+    return SummaryWriter(log_dir=str(out / "tensorboard"))
 
 
 def pick_device(name: str) -> torch.device:
@@ -258,6 +269,7 @@ class Trainer:
         if resume:
             self._restore()
         self._commit()
+        self.tensorboard = tensorboard_writer(self.out) if cfg.tensorboard and self.rank == 0 else None
 
     # ------------------------------------------------------------------------------------------ state
     def _restore(self) -> None:
@@ -322,6 +334,10 @@ class Trainer:
         if self.rank == 0:
             with open(self.out / "metrics.jsonl", "a") as fh:
                 fh.write(json.dumps(row) + "\n")
+            if self.tensorboard is not None:
+                for name, value in row.items():
+                    if name != "step" and isinstance(value, int | float):
+                        self.tensorboard.add_scalar(name, value, row["step"])
 
     # ------------------------------------------------------------------------------------------ loop
     def _step(self, stream: Iterator[dict]) -> dict[str, float]:
@@ -410,8 +426,13 @@ class Trainer:
                 f"saved {self.out}, continue with --resume"
             )
             raise
+        finally:
+            if self.tensorboard is not None:
+                self.tensorboard.flush()
         figures = self._evaluate()
         self.save()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
         summary = {
             "out_dir": str(self.out),
             "steps": self.state["step"],
