@@ -174,6 +174,9 @@ class LMObjective(Objective):
     def losses(self, batch: dict) -> dict[str, torch.Tensor]:
         return {self.name: self.model(**model_inputs(batch))["loss_sum"]}
 
+    def fsdp_module(self):
+        return self.model
+
     def optimizer_groups(self, cfg) -> list[dict]:
         return build_optimizer_groups(self.model, cfg)
 

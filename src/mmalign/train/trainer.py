@@ -24,6 +24,7 @@ from torch import nn
 
 from mmalign.config import ConfigError, RecipeConfig, TrainConfig, apply_overrides
 from mmalign.contrastive.distributed import init_distributed
+from mmalign.train import fsdp
 from mmalign.train.optim import decay_groups, warmup_cosine
 
 TRAINER_STATE = "trainer_state.pt"
@@ -176,6 +177,10 @@ class Objective(nn.Module):
         params = [p for p in self.parameters() if p.requires_grad]
         return [g for g in decay_groups(params, cfg.weight_decay) if g["params"]]
 
+    def fsdp_module(self) -> nn.Module | None:
+        """The module train.distributed=fsdp shards (it must declare `param_groups()`); None: cannot be sharded."""
+        return None
+
     def before_optimizer_step(self) -> None:
         """E.g. average gradients over ranks."""
 
@@ -241,8 +246,14 @@ class Trainer:
         self.rank, self.world = init_distributed()
         self.device = pick_device(cfg.device)
         objective.to(self.device).train()
-        self.ddp = None
-        if self.world > 1 and objective.shards_data:
+        saved = self._restore_weights() if resume else None  # full weights, before any sharding
+        self.ddp, self.sharded = None, None
+        if self.world > 1 and objective.shards_data and cfg.distributed == "fsdp":
+            self.sharded = objective.fsdp_module()
+            if self.sharded is None:
+                raise ConfigError(f"train.distributed=fsdp: the {objective.name} objective cannot be sharded; use ddp")
+            self.console.print(fsdp.shard_model(self.sharded))
+        elif self.world > 1 and objective.shards_data:
             from torch.nn.parallel import DistributedDataParallel
 
             # Rank 0's weights are broadcast here; gradients are averaged in buckets during backward.
@@ -266,13 +277,14 @@ class Trainer:
         )
         self.state = {"step": 0, "epoch": 0, "cursor": 0, "seen": 0, "skipped": 0}
         self.history: dict[str, list[float]] = {}
-        if resume:
-            self._restore()
+        if saved is not None:
+            self._restore_state(saved)
         self._commit()
         self.tensorboard = tensorboard_writer(self.out) if cfg.tensorboard and self.rank == 0 else None
 
     # ------------------------------------------------------------------------------------------ state
-    def _restore(self) -> None:
+    def _restore_weights(self) -> dict:
+        """Load the objective's weights of the last complete save; return the trainer state saved with them."""
         if self.rank == 0:
             finish_staged(self.out)  # a save killed after it was complete is finished; one killed earlier dropped
         if self.world > 1:  # the other ranks read what rank 0 just finished moving
@@ -287,7 +299,14 @@ class Trainer:
                 f"{self.out}: weights are from step {stamped} but {TRAINER_STATE} from step {saved['state']['step']}"
                 " (files from different saves); restart the run or restore a consistent copy"
             )
-        self.optimizer.load_state_dict(saved["optimizer"])
+        return saved
+
+    def _restore_state(self, saved: dict) -> None:
+        """Optimizer, scheduler, data position and random states: the rest of a resumed run."""
+        if self.sharded is not None:
+            fsdp.load_optimizer_state(self.objective, self.optimizer, saved["optimizer"])
+        else:
+            self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
         self.state = saved["state"]
         torch.set_rng_state(saved["rng"])
@@ -307,15 +326,23 @@ class Trainer:
         """Objective weights and trainer state of the last completed step, as one unit: written in full to a
         staging folder, marked complete, then moved into place (see `finish_staged`). A run killed at any instant
         resumes from the last complete save."""
-        if self.rank > 0:
-            return self.out
+        if self.sharded is not None:  # collectives: every rank takes part in gathering, rank 0 writes
+            optimizer = fsdp.optimizer_state(self.objective, self.optimizer)
+            with fsdp.gathered(self.sharded):
+                if self.rank == 0:
+                    self._write(optimizer)
+        elif self.rank == 0:
+            self._write(self.optimizer.state_dict())
+        return self.out
+
+    def _write(self, optimizer: dict) -> None:
         state, rng, cuda_rng = self._committed
         staging = self.out / STAGING
         shutil.rmtree(staging, ignore_errors=True)  # an incomplete save from a killed run
         staging.mkdir(parents=True)
         self.objective.save(staging, state["step"])
         trainer_state = {
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": optimizer,
             "scheduler": self.scheduler.state_dict(),
             "state": state,
             "rng": rng,
@@ -328,7 +355,6 @@ class Trainer:
         os.replace(staging / f"{COMPLETE}.tmp", staging / COMPLETE)  # the commit point
         sync_file(staging)
         finish_staged(self.out)
-        return self.out
 
     def _log(self, row: dict) -> None:
         if self.rank == 0:
@@ -347,20 +373,20 @@ class Trainer:
         for batch in micro:
             for name, n in self.objective.counts(batch).items():
                 window[name] = window.get(name, 0) + n
-        if self.ddp is not None:  # normalise by the global batch's counts; DDP's mean over ranks undoes the factor
+        parallel = self.ddp is not None or self.sharded is not None
+        if parallel:  # normalise by the global batch's counts; the mean of gradients over ranks undoes the factor
             window = {name: n / self.world for name, n in all_reduce_sum(window).items()}
         window = {name: max(n, 1) for name, n in window.items()}
         sums: dict[str, float] = {}
         for i, batch in enumerate(micro):
             batch = to_device(batch, self.device)
             last = i == len(micro) - 1
-            sync = self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext()
-            with sync:  # gradients are averaged over ranks once per step, on the last micro-batch
+            with self._gradient_sync(last):  # gradients are averaged over ranks once per step, on the last one
                 for name, value in self.objective.backward(
                     batch, window, autocast_for(self.cfg.precision, self.device)
                 ).items():
                     sums[name] = sums.get(name, 0.0) + value
-        if self.ddp is not None:  # the logged loss is the global batch's
+        if parallel:  # the logged loss is the global batch's
             sums = {name: value / self.world for name, value in all_reduce_sum(sums).items()}
         self.objective.before_optimizer_step()
         if self.cfg.clip_grad > 0:
@@ -371,6 +397,13 @@ class Trainer:
         self.state["step"] += 1
         self.objective.after_step(self.state["step"] / self.total_steps)
         return {name: value / window[name] for name, value in sums.items()}
+
+    def _gradient_sync(self, last: bool):
+        if self.ddp is not None and not last:
+            return self.ddp.no_sync()
+        if self.sharded is not None:
+            fsdp.set_gradient_sync(self.sharded, last)
+        return contextlib.nullcontext()
 
     def _evaluate(self) -> dict[str, float]:
         self.objective.eval()
@@ -420,6 +453,9 @@ class Trainer:
                     if cfg.save_every and step % cfg.save_every == 0 and step < self.total_steps:
                         self.save()
         except (Exception, KeyboardInterrupt) as err:
+            if self.sharded is not None:  # gathering shards needs every rank, and the others may not have stopped
+                self.console.print(f"[red]stopped[/] ({type(err).__name__}); resume from the last save in {self.out}")
+                raise
             self.save()  # weights and optimizer are those of the last completed step, like the saved position
             self.console.print(
                 f"[red]stopped at step {self._committed[0]['step']}[/] ({type(err).__name__}); "
