@@ -9,12 +9,14 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from mmalign.config import save_yaml
+from mmalign.data.stream import write_shards
 from mmalign.train import trainer as trainer_module
 from mmalign.train.loop import recipe_trainer, train
 from test_train import recipe
@@ -99,8 +101,14 @@ def _saved_step(run_dir) -> int:
         return 0
 
 
-@pytest.mark.parametrize("data", [{}, {"group_by_length": True, "pack_length": 1024}], ids=["plain", "packed"])
+@pytest.mark.parametrize(
+    "data", [{}, {"group_by_length": True, "pack_length": 1024}, {"stream": True}], ids=["plain", "packed", "stream"]
+)
 def test_sigkill_after_the_second_checkpoint_resumes_with_the_same_losses(base, shapes, tmp_path, data):
+    if data.get("stream"):  # tar shards of 7 records: a kill lands inside a shard, and epochs cross several
+        records = json.loads(open(shapes["conversations"]).read())
+        write_shards(records, tmp_path / "shards", 7, fmt="tar", media_folder=Path(shapes["images"]))
+        data = data | {"train": str(tmp_path / "shards")}
     runs = {}
     for name in ("straight", "killed"):
         cfg = recipe(base, shapes, tmp_path / name, max_steps=40, save_every=3, batch_size=4, data=data)

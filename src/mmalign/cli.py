@@ -180,6 +180,30 @@ def data_cmd(
 
 
 @app.command()
+def shard(
+    source: Path = typer.Argument(..., help="LLaVA-format JSON list or JSONL to split."),
+    out: Path = typer.Option(..., help="Folder to write the shards into."),
+    per_shard: int = typer.Option(1000, help="Records per shard (the last may be shorter)."),
+    format: str = typer.Option(
+        "tar", help="tar (each shard carries its records' media: copy it anywhere) or jsonl (records only)."
+    ),
+    media_folder: Path = typer.Option(Path("."), help="Folder the records' media paths are relative to."),
+    prefix: str = typer.Option("train", help="Shard names: PREFIX-00000.tar, PREFIX-00001.tar, ..."),
+) -> None:
+    """Split a dataset into shards for `data.stream=true` training (data larger than memory, read shard by
+    shard). Train on them with data.train=OUT data.stream=true."""
+    from mmalign.data.processor import read_records
+    from mmalign.data.stream import write_shards
+
+    try:
+        paths = write_shards(read_records(source), out, per_shard, fmt=format, media_folder=media_folder, prefix=prefix)
+    except (FileNotFoundError, ValueError) as err:
+        console.print(f"[red]error:[/] {err}")
+        raise typer.Exit(2) from None
+    console.print(f"wrote {len(paths)} {format} shards to {out}")
+
+
+@app.command()
 def pretrain(
     data: list[Path] = typer.Option(..., help="LLaVA-format training file(s); repeat for several."),
     image_folder: Path = typer.Option(..., help="Folder the records' image paths are relative to."),

@@ -191,6 +191,11 @@ class DataConfig:
     )
     max_skip_fraction: float = _f(0.1, "stop when more than this fraction of samples seen were skipped", ge=0.0)
     num_workers: int = _f(0, "DataLoader worker processes", ge=0)
+    stream: bool = _f(
+        False,
+        "read data.train as shards (.jsonl, or .tar carrying their media; files, folders or globs), one at a time "
+        "in a seeded order: data larger than memory, resumable mid-shard. Make shards with `mmalign shard`",
+    )
     group_by_length: bool = _f(
         False, "batch samples of similar token length and the same modalities together: less padding, same samples"
     )
@@ -505,6 +510,8 @@ def check_recipe(cfg: RecipeConfig) -> None:
     if not cfg.model.media:
         raise ConfigError("model.media is empty: name at least one modality (e.g. image)")
     d = cfg.data
+    if d.stream and d.train_fractions:
+        raise ConfigError("data.train_fractions: not with data.stream=true; shards are read whole, once per epoch")
     if d.pack_length and cfg.model.family == "flamingo":
         raise ConfigError(
             "data.pack_length: the flamingo family attends to each row's media by cross-attention, so samples "

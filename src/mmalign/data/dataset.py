@@ -38,6 +38,13 @@ class ConversationDataset(Dataset):
         self.processor = processor
         self._lengths: tuple[list[int], list[str]] | None = None
 
+    @classmethod
+    def from_records(cls, records: list[dict], media_folder, processor: Processor, source: str | None = None):
+        """A dataset over records already read (one shard of a stream); errors name `source` and the index."""
+        ds = cls([], media_folder or "", processor)
+        ds.records, ds.sources = list(records), [(source, i) for i in range(len(records))]
+        return ds
+
     def __len__(self) -> int:
         return len(self.records)
 

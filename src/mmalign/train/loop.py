@@ -18,6 +18,7 @@ from mmalign.contrastive.distributed import rank_and_world
 from mmalign.data.dataset import Collator, ConversationDataset, epoch_order
 from mmalign.data.grouping import PackedCollator, length_grouped_batches
 from mmalign.data.processor import SampleError, processor_for
+from mmalign.data.stream import close_shard, count_records, open_shard, record_order, shard_order, shard_paths
 from mmalign.models.adapters import inject_adapters, merge_adapters, resolve_targets
 from mmalign.models.builder import build_model
 from mmalign.models.layers import checkpoint_stacks
@@ -31,7 +32,7 @@ class TooManyBadSamples(RuntimeError):
     pass
 
 
-def shard(chunk: list[int], order: list[int], batch_size: int, rank: int, world: int) -> list[int]:
+def rank_slice(chunk: list[int], order: list[int], batch_size: int, rank: int, world: int) -> list[int]:
     """This rank's slice of a global batch; a short last batch is filled from the epoch's start, so every rank
     steps with samples."""
     if world == 1:
@@ -75,13 +76,18 @@ class LMObjective(Objective):
         set_trainable(self.model, t.trainable, t.lora.groups if t.finetune != "full" else ())
         if t.activation_checkpointing:
             checkpoint_stacks(self.model)
-        processor = processor_for(self.model, self.tokenizer, cfg.data)
+        self.processor = processor = processor_for(self.model, self.tokenizer, cfg.data)
         pad = self.tokenizer.pad_token_id
         self.collate = Collator(pad)
         self.train_collate = PackedCollator(pad, cfg.data.pack_length) if cfg.data.pack_length else self.collate
-        self.train_ds = ConversationDataset(
-            cfg.data.train, cfg.data.image_folder, processor, cfg.data.train_fractions, t.seed
-        )
+        self.shards, self.train_ds = None, None
+        if cfg.data.stream:  # read shard by shard as training goes; only their sizes now
+            self.shards = shard_paths(cfg.data.train)
+            self.shard_sizes = [count_records([path]) for path in self.shards]
+        else:
+            self.train_ds = ConversationDataset(
+                cfg.data.train, cfg.data.image_folder, processor, cfg.data.train_fractions, t.seed
+            )
         self.val_loader = None
         if cfg.data.val:
             val_ds = ConversationDataset(cfg.data.val, cfg.data.image_folder, processor)
@@ -101,42 +107,76 @@ class LMObjective(Objective):
 
     # ------------------------------------------------------------------------------------------ data
     def steps_per_epoch(self, batch_size: int) -> int:
-        return len(self.epoch_batches(0, batch_size * rank_and_world()[1], self.cfg.train.seed))
+        size = batch_size * rank_and_world()[1]
+        if self.shards is not None:
+            return sum(-(-n // size) for n in self.shard_sizes)
+        return len(self.epoch_batches(self.train_ds, 0, self.cfg.train))
 
     def batches(self, state: dict, cfg, log):
-        """Collated batches from the saved (epoch, cursor) on; the cursor counts (global) batches handed out.
-        Under torchrun each rank takes its slice of every global batch of batch_size * world samples, so N ranks
-        see what one process with an N times larger batch would. Batches whose samples all failed are accounted
-        for and passed over."""
-        bs, seed = cfg.batch_size, cfg.seed
-        rank, world = rank_and_world()
+        """Collated batches from the saved position on: (epoch, cursor), plus the shard position when streaming.
+        The cursor counts (global) batches handed out. Under torchrun each rank takes its slice of every global
+        batch of batch_size * world samples, so N ranks see what one process with an N times larger batch would.
+        Batches whose samples all failed are accounted for and passed over."""
+        state.setdefault("shard", 0)
         while True:
-            batches = self.epoch_batches(state["epoch"], bs * world, seed)
-            order = [i for batch in batches for i in batch]
-            chunks = [shard(batch, order, bs, rank, world) for batch in batches]
-            loader = DataLoader(
-                self.train_ds,
-                batch_sampler=chunks[state["cursor"] :],
-                collate_fn=self.train_collate,
-                num_workers=self.cfg.data.num_workers,
-            )
-            for batch in loader:
-                state["cursor"] += 1
-                self._account(batch, state, log)
-                if batch["ids"]:
-                    self._blank_media(batch, batch_generator(seed, state["epoch"] * 1_000_003 + state["cursor"]))
-                    yield batch
-                elif world > 1:  # the other ranks would wait for this one's gradients forever
-                    raise TooManyBadSamples(f"rank {rank}: every sample of batch {state['cursor']} was bad")
+            if self.shards is None:
+                yield from self._pass(self.train_ds, self.epoch_batches(self.train_ds, state["epoch"], cfg), state, log)
+            else:
+                yield from self._stream(state, cfg, log)
             state["epoch"] += 1
             state["cursor"] = 0
 
-    def epoch_batches(self, epoch: int, size: int, seed: int) -> list[list[int]]:
-        """The epoch's global batches of sample indices: a pure function of (seed, epoch), so resume replays it."""
+    def _stream(self, state: dict, cfg, log):
+        """One epoch over the shards in their seeded order, one shard in memory (and on scratch disk) at a time."""
+        order = shard_order(len(self.shards), cfg.seed, state["epoch"])
+        scratch = self.out / ".stream" / f"rank{rank_and_world()[0]}"
+        while state["shard"] < len(order):
+            k = order[state["shard"]]
+            shard = open_shard(self.shards[k], scratch, Path(self.cfg.data.image_folder))
+            try:
+                source = str(shard.path)
+                ds = ConversationDataset.from_records(shard.records, shard.media_folder, self.processor, source)
+                yield from self._pass(ds, self.epoch_batches(ds, state["epoch"], cfg, shard=k), state, log)
+            finally:
+                close_shard(shard)
+            state["shard"] += 1
+            state["cursor"] = 0
+        state["shard"] = 0
+
+    def _pass(self, ds: ConversationDataset, batches: list[list[int]], state: dict, log):
+        """The batches of `ds` from the cursor on, each rank its slice."""
+        bs, seed = self.cfg.train.batch_size, self.cfg.train.seed
+        rank, world = rank_and_world()
+        order = [i for batch in batches for i in batch]
+        chunks = [rank_slice(batch, order, bs, rank, world) for batch in batches]
+        loader = DataLoader(
+            ds,
+            batch_sampler=chunks[state["cursor"] :],
+            collate_fn=self.train_collate,
+            num_workers=self.cfg.data.num_workers,
+        )
+        for batch in loader:
+            state["cursor"] += 1
+            self._account(batch, state, log)
+            if batch["ids"]:
+                key = state["epoch"] * 1_000_003 + state["shard"] * 10_007 + state["cursor"]
+                self._blank_media(batch, batch_generator(seed, key))
+                yield batch
+            elif world > 1:  # the other ranks would wait for this one's gradients forever
+                raise TooManyBadSamples(f"rank {rank}: every sample of batch {state['cursor']} was bad")
+
+    def epoch_batches(self, ds: ConversationDataset, epoch: int, cfg, shard: int | None = None) -> list[list[int]]:
+        """Global batches of sample indices of `ds` for one epoch (of one shard): a pure function of the seed,
+        epoch and shard, so resume replays it."""
+        size = cfg.batch_size * rank_and_world()[1]
         if self.cfg.data.group_by_length:
-            lengths, groups = self.train_ds.lengths()
+            lengths, groups = ds.lengths()
+            seed = cfg.seed if shard is None else cfg.seed * 1_000_003 + shard
             return length_grouped_batches(lengths, size, seed, epoch, groups)
-        order = epoch_order(len(self.train_ds), seed, epoch)
+        if shard is None:
+            order = epoch_order(len(ds), cfg.seed, epoch)
+        else:
+            order = record_order(len(ds), cfg.seed, epoch, shard)
         return [order[i : i + size] for i in range(0, len(order), size)]
 
     def _account(self, batch: dict, state: dict, log) -> None:
