@@ -1,5 +1,6 @@
 """Fine-tuning strategies on one config: peak memory and samples/s for a frozen LLM (connector only), LoRA, DoRA,
-the last LLM layers only, and full fine-tuning. Each strategy runs in its own process, so peak memory is its own.
+the last LLM layers only, and full fine-tuning, without and with activation checkpointing. Each strategy runs in
+its own process, so peak memory is its own.
 
     python benchmarks/bench_finetune.py [--steps 10] [--batch 8] [--device cpu|cuda]
 
@@ -38,6 +39,7 @@ STRATEGIES = {
     "DoRA r=16": (["connector", "llm"], "dora"),
     "last 2 LLM layers": (["connector", "llm.layers[-2:]"], "full"),
     "full": (["connector", "llm"], "full"),
+    "full + activation checkpointing": (["connector", "llm"], "full"),
 }
 
 
@@ -54,6 +56,7 @@ def measure(name: str, steps: int, batch: int, device: str, folder: Path) -> dic
     from mmalign.data.tokenizer import build_word_tokenizer
     from mmalign.models.adapters import inject_adapters, resolve_targets
     from mmalign.models.builder import build_model
+    from mmalign.models.layers import checkpoint_stacks
     from mmalign.train.freeze import set_trainable
     from mmalign.train.optim import build_optimizer_groups
 
@@ -71,6 +74,8 @@ def measure(name: str, steps: int, batch: int, device: str, folder: Path) -> dic
         inject_adapters(model, lora)
         adapted = lora.groups
     set_trainable(model, trainable, adapted)
+    if "activation checkpointing" in name:
+        checkpoint_stacks(model)
     model.to(device).train()
     optimizer = torch.optim.AdamW(build_optimizer_groups(model, TrainConfig(lr=1e-4, trainable=trainable)))
     n_img = model.encoders["image"].num_tokens
@@ -131,9 +136,9 @@ def main() -> None:
         print(f"{name}: done", file=sys.stderr)
     memory = "peak GPU MB" if args.device == "cuda" else "training RSS MB"
     print(f"device {args.device}, batch {args.batch}, {args.steps} steps, {torch.get_num_threads()} threads")
-    print(f"{'strategy':<20} {'trainable':>12} {'samples/s':>10} {memory:>16}")
+    print(f"{'strategy':<32} {'trainable':>12} {'samples/s':>10} {memory:>16}")
     for r in rows:
-        print(f"{r['strategy']:<20} {r['trainable']:>12,} {r['samples_per_s']:>10.2f} {r['peak_mb']:>16.0f}")
+        print(f"{r['strategy']:<32} {r['trainable']:>12,} {r['samples_per_s']:>10.2f} {r['peak_mb']:>16.0f}")
 
 
 if __name__ == "__main__":
