@@ -336,7 +336,12 @@ def train(
 
         console.print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         return
-    save_yaml(cfg, Path(cfg.train.out_dir) / "train_config.yaml")
+    if resume and cfg.stages:  # a single run's trainer checks its own folder; a curriculum's folder is checked here
+        from mmalign.train.loop import check_resume
+
+        check_resume(cfg, console)
+    elif not resume:  # on resume the saved config is what the run started with: keep it to compare against
+        save_yaml(cfg, Path(cfg.train.out_dir) / "train_config.yaml")
     if cfg.stages:
         from mmalign.train.curriculum import run_curriculum
 
@@ -509,14 +514,17 @@ def _converter(format: str, direction: int):
 @app.command()
 def export(
     checkpoint: Path = typer.Argument(..., help="Checkpoint folder."),
-    out: Path = typer.Option(..., help="Folder to write."),
+    out: Path = typer.Option(..., help="Folder to write (must be new or empty, unless --overwrite)."),
     format: str = typer.Option("hf-llava", help=FORMAT_HELP),
+    overwrite: bool = typer.Option(False, help="Replace a non-empty --out (only once the new folder is complete)."),
 ) -> None:
     """Write a checkpoint in another library's format (LoRA adapters are merged)."""
+    from mmalign.folders import publish_folder
+
     _quiet_transformers()
     convert = _converter(format, 0)
     model, tokenizer, recipe = _load_for_inference(checkpoint)
-    convert(model, tokenizer, recipe.model, out)
+    publish_folder(out, lambda tmp: convert(model, tokenizer, recipe.model, tmp), overwrite)
     console.print(f"wrote {out}")
 
 
@@ -526,8 +534,9 @@ def import_cmd(
         ...,
         help="Folder in the given format (a saved LlavaForConditionalGeneration, ...) or OpenFlamingo checkpoint.pt.",
     ),
-    out: Path = typer.Option(..., help="mmalign checkpoint folder to write."),
+    out: Path = typer.Option(..., help="mmalign checkpoint folder to write (new or empty, unless --overwrite)."),
     format: str = typer.Option("hf-llava", help=FORMAT_HELP),
+    overwrite: bool = typer.Option(False, help="Replace a non-empty --out (only once the new folder is complete)."),
     base: str | None = typer.Option(
         None,
         help="openflamingo only: a recipe (name or YAML) whose model names the vision encoder (a CLIP folder) and the "
@@ -535,6 +544,8 @@ def import_cmd(
     ),
 ) -> None:
     """Read another library's checkpoint into an mmalign checkpoint."""
+    from mmalign.folders import publish_folder
+
     _quiet_transformers()
     convert = _converter(format, 1)
     if format == "openflamingo":
@@ -542,11 +553,33 @@ def import_cmd(
 
         if base is None:
             raise typer.BadParameter("an OpenFlamingo checkpoint holds no encoder or LM: name them with --base")
-        convert(source, load_recipe(base).model, out)
+        model = load_recipe(base).model
+        publish_folder(out, lambda tmp: convert(source, model, tmp), overwrite)
     else:
-        convert(source, out)
+        publish_folder(out, lambda tmp: convert(source, tmp), overwrite)
     console.print(f"wrote {out}")
 
 
+def main() -> None:
+    """The `mmalign` command: a user's mistake prints one line saying what and where, not a traceback; `--debug`
+    (or MMALIGN_DEBUG=1) lets the traceback through."""
+    import os
+    import sys
+
+    debug = "--debug" in sys.argv or os.environ.get("MMALIGN_DEBUG", "") not in ("", "0")
+    sys.argv = [a for a in sys.argv if a != "--debug"]
+    try:
+        app()
+    except KeyboardInterrupt:
+        console.print("[red]interrupted[/]")
+        sys.exit(130)
+    except Exception as err:
+        if debug:
+            raise
+        message = str(err).strip() or type(err).__name__
+        console.print(f"[red]error:[/] {message}  [dim]({type(err).__name__}; --debug shows the traceback)[/]")
+        sys.exit(1)
+
+
 if __name__ == "__main__":
-    app()
+    main()

@@ -170,6 +170,17 @@ class ModelConfig:
 
 
 @dataclass
+class MediaLimits:
+    """Largest media a sample may carry, checked from a file's header before its payload is decoded where the format
+    allows: a corrupt or hostile file (a decompression bomb) fails as a bad sample instead of exhausting memory."""
+
+    max_image_pixels: int = _f(40_000_000, "largest image (width x height), from the header before decoding", ge=1)
+    max_audio_seconds: float = _f(600.0, "longest audio clip in seconds, from the header before decoding", gt=0.0)
+    max_video_frames: int = _f(1024, "most frames in a video; decoding stops past it", ge=1)
+    max_points: int = _f(1_000_000, "most points in a point cloud (a PLY's from its header)", ge=1)
+
+
+@dataclass
 class DataConfig:
     train: str | list[str] = _f(
         "", "LLaVA-format JSON/JSONL for training, or a list of them mixed into one set (`[a.json,b.jsonl]`)"
@@ -209,6 +220,9 @@ class DataConfig:
         0.0,
         "chance a training media item is replaced by zeros (modality dropout: blind questions get prior answers)",
         ge=0.0,
+    )
+    limits: MediaLimits = field(
+        default_factory=MediaLimits, metadata={"help": "media size limits; a sample over one fails naming the key"}
     )
 
 
@@ -547,3 +561,41 @@ def describe(cls: type = RecipeConfig, prefix: str = "") -> list[tuple[str, str,
             help_text += f" (one of {', '.join(typing.get_args(_optional_inner(hint)))})"
         rows.append((prefix + f.name, repr(default), help_text))
     return rows
+
+
+# Keys a resumed run may change: how often it evaluates, saves and logs, and how it shows progress. Everything else
+# (rates, batch size, steps, data, model) shapes the optimisation a resumed run must continue exactly.
+RESUME_MAY_CHANGE = (
+    "train.eval_every",
+    "train.save_every",
+    "train.log_every",
+    "train.progress",
+    "train.tensorboard",
+    "train.device",
+    "data.num_workers",
+)
+
+
+def flat(data: Any, prefix: str = "") -> dict[str, Any]:
+    """{"a.b.c": leaf} of a nested dict (lists are leaves)."""
+    if not isinstance(data, dict):
+        return {prefix.rstrip("."): data}
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        out |= flat(value, f"{prefix}{key}.")
+    return out
+
+
+def resume_changes(saved: RecipeConfig, now: RecipeConfig) -> list[str]:
+    """Check a resumed run's config against the one it started with. Returns the allowed changes as
+    "key: old -> new" lines; raises ConfigError naming every key that may not change mid-run."""
+    before, after = flat(to_dict(saved)), flat(to_dict(now))
+    changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    fixed = [k for k in changed if k not in RESUME_MAY_CHANGE]
+    if fixed:
+        detail = "; ".join(f"{k}: {before.get(k)!r} -> {after.get(k)!r}" for k in fixed)
+        raise ConfigError(
+            f"--resume: {detail}. These cannot change in the middle of a run (the optimizer, schedule and data "
+            "position were saved for the old values): put them back, or start a new run in another train.out_dir"
+        )
+    return [f"{k}: {before.get(k)!r} -> {after.get(k)!r}" for k in changed]

@@ -10,10 +10,12 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from mmalign.config import ModelConfig, RecipeConfig, load_yaml, save_yaml
+from mmalign.errors import unreadable
 from mmalign.models.builder import build_model
 from mmalign.train.freeze import group_of
 
@@ -22,22 +24,38 @@ MODEL_CONFIG = "model_config.yaml"
 TRAIN_CONFIG = "train_config.yaml"
 
 
-def _absolute(path: str | None) -> str | None:
-    return str(Path(path).resolve()) if path else None
+def _path_fields(cfg: ModelConfig) -> list[tuple[object, str]]:
+    """(owner, attribute) of every path a model config loads weights from."""
+    encoders = [enc for media in cfg.media.values() for enc in [media.encoder, *media.extra_encoders]]
+    return [(enc, "path") for enc in encoders] + [(cfg.onellm.encoder, "path"), (cfg.llm, "path")]
 
 
-def resolved_model_config(cfg: ModelConfig) -> ModelConfig:
-    """A copy with absolute paths, so the checkpoint loads from any working directory."""
+def resolved_model_config(cfg: ModelConfig, folder: str | Path | None = None) -> ModelConfig:
+    """A copy with absolute paths, so the checkpoint loads from any working directory; paths inside `folder` (the
+    checkpoint's own parts, e.g. an imported LLM) are kept relative to it, so the folder can be moved whole."""
     from copy import deepcopy
 
     out = deepcopy(cfg)
-    for media in out.media.values():
-        for enc in [media.encoder, *media.extra_encoders]:
-            enc.path = _absolute(enc.path)
-    out.onellm.encoder.path = _absolute(out.onellm.encoder.path)
-    out.llm.path = _absolute(out.llm.path)
+    home = Path(folder).resolve() if folder is not None else None
+    for owner, attr in _path_fields(out):
+        path = getattr(owner, attr)
+        if path:
+            path = Path(path).resolve()
+            inside = home is not None and path.is_relative_to(home)
+            setattr(owner, attr, str(path.relative_to(home)) if inside else str(path))
     out.llm.tokenizer = None  # the checkpoint carries its own tokenizer/
     return out
+
+
+def read_model_config(folder: str | Path) -> ModelConfig:
+    """A checkpoint's model config with its relative paths (its own parts) made absolute again."""
+    folder = Path(folder)
+    cfg = load_yaml(folder / MODEL_CONFIG, ModelConfig)
+    for owner, attr in _path_fields(cfg):
+        path = getattr(owner, attr)
+        if path and not Path(path).is_absolute():
+            setattr(owner, attr, str(folder.resolve() / path))
+    return cfg
 
 
 def reloadable_groups(cfg: ModelConfig) -> set[str]:
@@ -84,7 +102,7 @@ def save_checkpoint(
         metadata["step"] = str(step)
     save_file(weights_to_save(model, model_cfg, extra_groups), tmp, metadata=metadata)
     os.replace(tmp, out / WEIGHTS)
-    save_yaml(resolved_model_config(model_cfg), out / MODEL_CONFIG)
+    save_yaml(resolved_model_config(model_cfg, out), out / MODEL_CONFIG)
     if recipe is not None:
         save_yaml(recipe, out / TRAIN_CONFIG)
     tokenizer.save_pretrained(out / "tokenizer")
@@ -95,15 +113,27 @@ def weights_step(path: str | Path) -> int | None:
     """The training step stamped into a checkpoint's weights file, if any."""
     from safetensors import safe_open
 
-    with safe_open(str(Path(path) / WEIGHTS), framework="pt") as f:
-        step = (f.metadata() or {}).get("step")
+    try:
+        with safe_open(str(Path(path) / WEIGHTS), framework="pt") as f:
+            step = (f.metadata() or {}).get("step")
+    except (SafetensorError, OSError) as err:
+        raise unreadable(Path(path) / WEIGHTS, err) from err
     return None if step is None else int(step)
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such weights file; is {path.parent} a checkpoint folder?")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise unreadable(path, err) from err
 
 
 def load_weights(model: nn.Module, path: str | Path, required: set[str] = frozenset()) -> list[str]:
     """Load a checkpoint's weights into `model`. Names the model lacks are an error (a wrong checkpoint), and so
     is a missing weight of a `required` group (one that nothing else would load)."""
-    state = load_file(str(Path(path) / WEIGHTS if Path(path).is_dir() else path))
+    state = read_weights(Path(path) / WEIGHTS if Path(path).is_dir() else Path(path))
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected:
         raise KeyError(f"{path}: {len(unexpected)} weights do not fit this model, e.g. {unexpected[:3]}")
@@ -121,7 +151,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     path = Path(path)
     if not (path / MODEL_CONFIG).is_file():
         raise FileNotFoundError(f"{path} is not an mmalign checkpoint (no {MODEL_CONFIG})")
-    cfg = load_yaml(path / MODEL_CONFIG, ModelConfig)
+    cfg = read_model_config(path)
     cfg.llm.tokenizer = str(path / "tokenizer")
     model, tokenizer = build_model(cfg)
     load_weights(model, path, required=set(model.param_groups()) - reloadable_groups(cfg))

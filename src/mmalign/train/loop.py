@@ -12,7 +12,7 @@ import torch
 from rich.console import Console
 from torch.utils.data import DataLoader
 
-from mmalign.config import ModelConfig, RecipeConfig, check_recipe, load_yaml
+from mmalign.config import RecipeConfig, check_recipe, load_yaml, resume_changes
 from mmalign.constants import IGNORE_INDEX
 from mmalign.contrastive.distributed import rank_and_world
 from mmalign.data.dataset import Collator, ConversationDataset, epoch_order
@@ -22,7 +22,14 @@ from mmalign.data.stream import close_shard, count_records, open_shard, record_o
 from mmalign.models.adapters import inject_adapters, merge_adapters, resolve_targets
 from mmalign.models.builder import build_model
 from mmalign.models.layers import checkpoint_stacks
-from mmalign.train.checkpoint import MODEL_CONFIG, load_weights, save_checkpoint, weights_step
+from mmalign.train.checkpoint import (
+    MODEL_CONFIG,
+    TRAIN_CONFIG,
+    load_weights,
+    read_model_config,
+    save_checkpoint,
+    weights_step,
+)
 from mmalign.train.freeze import count_parameters, group_of, module_patterns, set_trainable, trainable_table
 from mmalign.train.optim import build_optimizer_groups
 from mmalign.train.trainer import Objective, Trainer, batch_generator, to_device
@@ -96,7 +103,7 @@ class LMObjective(Objective):
     def _init_from(self, path: str) -> None:
         """Weights of an earlier stage, whatever its strategy: adapters it trained are merged into their base
         layers first, so this stage may train the same parts another way (full after LoRA, LoRA after full)."""
-        earlier = load_yaml(Path(path) / MODEL_CONFIG, ModelConfig) if (Path(path) / MODEL_CONFIG).is_file() else None
+        earlier = read_model_config(path) if (Path(path) / MODEL_CONFIG).is_file() else None
         if earlier is not None and earlier.lora is not None:
             inject_adapters(self.model, earlier.lora)
         loaded = load_weights(self.model, path)
@@ -252,7 +259,18 @@ class LMObjective(Objective):
         return weights_step(out)
 
 
+def check_resume(cfg: RecipeConfig, console: Console) -> None:
+    """A resumed run continues the run it started as: only logging and evaluation settings may change."""
+    saved = Path(cfg.train.out_dir) / TRAIN_CONFIG
+    if saved.is_file():
+        for line in resume_changes(load_yaml(saved), cfg):
+            console.print(f"resume: {line}")
+
+
 def recipe_trainer(cfg: RecipeConfig, resume: bool = False, console: Console | None = None) -> Trainer:
+    console = console or Console()
+    if resume:
+        check_resume(cfg, console)
     torch.manual_seed(cfg.train.seed)
     return Trainer(LMObjective(cfg), cfg.train, console=console, resume=resume)
 

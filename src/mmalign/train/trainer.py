@@ -10,6 +10,7 @@ import contextlib
 import json
 import math
 import os
+import pickle
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -18,12 +19,13 @@ from pathlib import Path
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model, save_model
 from torch import nn
 
 from mmalign.config import ConfigError, RecipeConfig, TrainConfig, apply_overrides
 from mmalign.contrastive.distributed import init_distributed
+from mmalign.errors import unreadable
 from mmalign.train import fsdp
 from mmalign.train.optim import decay_groups, warmup_cosine
 
@@ -210,9 +212,12 @@ class Objective(nn.Module):
     def load(self, out: Path) -> int | None:
         """Load what `save` wrote; return the stamped step."""
         path = out / OBJECTIVE_WEIGHTS
-        load_model(self, str(path))
-        with safe_open(str(path), framework="pt") as f:
-            step = (f.metadata() or {}).get("step")
+        try:
+            load_model(self, str(path))
+            with safe_open(str(path), framework="pt") as f:
+                step = (f.metadata() or {}).get("step")
+        except (SafetensorError, OSError) as err:
+            raise unreadable(path, err) from err
         return None if step is None else int(step)
 
 
@@ -292,7 +297,10 @@ class Trainer:
         path = self.out / TRAINER_STATE
         if not path.is_file():
             raise FileNotFoundError(f"--resume: no {TRAINER_STATE} in {self.out}; nothing to resume")
-        saved = torch.load(path, weights_only=True)  # tensors and plain data only: nothing in it can run code
+        try:
+            saved = torch.load(path, weights_only=True)  # tensors and plain data only: nothing in it can run code
+        except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as err:
+            raise unreadable(path, err) from err
         stamped = self.objective.load(self.out)
         if stamped is not None and stamped != saved["state"]["step"]:
             raise RuntimeError(
@@ -416,6 +424,10 @@ class Trainer:
 
     def fit(self) -> dict:
         cfg = self.cfg
+        finished = self.out / "summary.json"
+        if self.state["step"] >= self.total_steps and finished.is_file():  # --resume on a run that had finished
+            self.console.print(f"{self.out} finished at step {self.state['step']}: nothing to resume")
+            return json.loads(finished.read_text())
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
         self.console.print(f"[bold]{self.out}[/]: {self.total_steps} steps, {self.objective.describe()}")
