@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -130,5 +131,38 @@ def test_sigkill_after_the_second_checkpoint_resumes_with_the_same_losses(base, 
     done = subprocess.run(_cli(tmp_path / "killed.yaml", "--resume"), env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "resumed" in done.stdout
+    assert losses(runs["killed"]) == losses(runs["straight"])
+    assert_same_weights(runs["straight"], runs["killed"])
+
+
+def test_killed_at_random_instants_again_and_again_a_run_ends_as_if_never_stopped(base, shapes, tmp_path):
+    """SIGKILL four times at random instants (in a step or inside a save: every step saves), resume each time."""
+    rng = random.Random(0)
+    runs = {}
+    for name in ("straight", "killed"):
+        cfg = recipe(base, shapes, tmp_path / name, max_steps=30, save_every=1, batch_size=4)
+        save_yaml(cfg, tmp_path / f"{name}.yaml")
+        runs[name] = tmp_path / name / "run"
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    subprocess.run(_cli(tmp_path / "straight.yaml"), check=True, env=env, capture_output=True)
+
+    kills, extra = 0, ()
+    for _ in range(4):
+        before = _saved_step(runs["killed"])
+        proc = subprocess.Popen(_cli(tmp_path / "killed.yaml", *extra), env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)  # fmt: skip
+        deadline = time.time() + 120
+        while _saved_step(runs["killed"]) <= before and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.005)
+        time.sleep(rng.uniform(0.0, 0.3))  # a random instant after some progress
+        if proc.poll() is not None:
+            break
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        kills, extra = kills + 1, ("--resume",)
+    assert kills >= 2
+
+    done = subprocess.run(_cli(tmp_path / "killed.yaml", "--resume"), env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
     assert losses(runs["killed"]) == losses(runs["straight"])
     assert_same_weights(runs["straight"], runs["killed"])
