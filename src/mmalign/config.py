@@ -563,8 +563,9 @@ def describe(cls: type = RecipeConfig, prefix: str = "") -> list[tuple[str, str,
     return rows
 
 
-# Keys a resumed run may change: how often it evaluates, saves and logs, and how it shows progress. Everything else
-# (rates, batch size, steps, data, model) shapes the optimisation a resumed run must continue exactly.
+# Keys (or prefixes) a resumed run may change: how often it evaluates, saves and logs, how it shows progress, and
+# what it does with bad samples (a run stopped by one may resume with a raised limit). Everything else (rates,
+# batch size, steps, data, model) shapes the optimisation a resumed run must continue exactly.
 RESUME_MAY_CHANGE = (
     "train.eval_every",
     "train.save_every",
@@ -573,6 +574,9 @@ RESUME_MAY_CHANGE = (
     "train.tensorboard",
     "train.device",
     "data.num_workers",
+    "data.on_error",
+    "data.max_skip_fraction",
+    "data.limits",
 )
 
 
@@ -591,7 +595,7 @@ def resume_changes(saved: RecipeConfig, now: RecipeConfig) -> list[str]:
     "key: old -> new" lines; raises ConfigError naming every key that may not change mid-run."""
     before, after = flat(to_dict(saved)), flat(to_dict(now))
     changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
-    fixed = [k for k in changed if k not in RESUME_MAY_CHANGE]
+    fixed = [k for k in changed if not any(k == m or k.startswith(m + ".") for m in RESUME_MAY_CHANGE)]
     if fixed:
         detail = "; ".join(f"{k}: {before.get(k)!r} -> {after.get(k)!r}" for k in fixed)
         raise ConfigError(

@@ -8,6 +8,7 @@ or the sample fails loudly). Substrings are never re-tokenized.
 
 from __future__ import annotations
 
+import difflib
 import json
 import re
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ import torch
 
 from mmalign.constants import END_OF_CHUNK, IGNORE_INDEX
 from mmalign.modalities import MODALITIES, MediaError, get_modality
+from mmalign.modalities.base import set_limits
 
 _GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -44,18 +46,41 @@ class Conversation:
         return bool(self.messages) and self.messages[0]["role"] == "document"
 
 
+LAYOUT_HINT = "a LLaVA file is a JSON list of records, or JSONL with one record per line"
+
+
 def read_records(path: str | Path) -> list[dict]:
-    """A LLaVA JSON list or a JSONL file, unchanged."""
+    """A LLaVA JSON list or a JSONL file, unchanged. A file that does not parse is a ValueError naming the file,
+    the line and the column: one bad byte must not become a bare JSONDecodeError far from its cause."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text (byte {err.start}); {LAYOUT_HINT}") from err
     if path.suffix == ".jsonl":
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
-    data = json.loads(text)
+        return [_jsonl_line(line, path, n) for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        extra = " (a second value follows the first: is it JSONL? name it .jsonl)" if err.msg == "Extra data" else ""
+        raise ValueError(
+            f"{path}: not valid JSON at line {err.lineno} column {err.colno} ({err.msg}){extra}; {LAYOUT_HINT}"
+        ) from err
     if not isinstance(data, list):
         raise ValueError(f"{path}: expected a JSON list of samples")
     return data
+
+
+def _jsonl_line(line: str, path: Path, n: int) -> object:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as err:
+        raise ValueError(
+            f"{path}: line {n} is not valid JSON ({err.msg} at column {err.colno}); a JSONL file holds one JSON "
+            "record per line"
+        ) from err
 
 
 def _media_keys() -> dict[str, str]:
@@ -69,7 +94,7 @@ def parse_document(record: dict, index: int) -> Conversation:
     """Validate one interleaved document in MMC4's shape: `text_list` (sentences) and `image_info` (a list of
     {image_name, matched_text_index}). Each image opens a chunk before its sentence; chunks end with
     `<|endofchunk|>`. The result is one `document` message whose text carries the placeholders."""
-    sample_id = record.get("id", f"#{index}")
+    sample_id = _sample_id(record, index)
     texts, images = record.get("text_list"), record.get("image_info") or []
     if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
         raise SampleError(sample_id, "text_list must be a list of strings")
@@ -106,23 +131,56 @@ def parse_record(record: dict, index: int) -> Conversation:
     return parse_conversation(record, index)
 
 
+def _sample_id(record: dict, index: int) -> object:
+    """The record's `id` (a string or an integer), or `#index` (its place in the file) when it has none."""
+    sample_id = record.get("id")
+    if sample_id is None or (isinstance(sample_id, str) and not sample_id.strip()):
+        return f"#{index}"
+    if isinstance(sample_id, bool) or not isinstance(sample_id, str | int):
+        raise SampleError(f"#{index}", f"id must be a string or an integer, got {_short(sample_id)}")
+    return sample_id
+
+
+def _short(value: object, limit: int = 80) -> str:
+    """repr(value), cut past `limit` characters: a junk value must not flood the message naming it."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({type(value).__name__} of {len(text)} characters)"
+
+
+def _missing_key(record: dict, key: str) -> str:
+    """'no "key" key', naming a record key that looks like a misspelling of it (`conversation`, `Conversations`)."""
+    names = {k.lower(): k for k in record if isinstance(k, str)}
+    close = difflib.get_close_matches(key, list(names), n=1, cutoff=0.8)
+    return f'no "{key}" key (found "{names[close[0]]}": did you mean {key}?)' if close else f'no "{key}" key'
+
+
+def _message(turn: dict, i: int, sample_id: object) -> dict:
+    """One {from, value} turn as a chat message; `value` must be text (a number is taken as its text)."""
+    speaker, value = turn.get("from"), turn.get("value")
+    role = ROLES.get(speaker) if isinstance(speaker, str) else None
+    if role is None:
+        raise SampleError(sample_id, f"unknown speaker {_short(speaker)} in turn {i} (expected human/gpt)")
+    if "value" not in turn:
+        raise SampleError(sample_id, f'turn {i} has no "value"')
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise SampleError(sample_id, f"turn {i} value must be text, got {_short(value)}")
+    return {"role": role, "content": str(value)}
+
+
 def parse_conversation(record: dict, index: int) -> Conversation:
     """Validate one LLaVA record: `id`, `conversations` of {from, value}, and optional media keyed by modality:
     `image` (a path or a list of paths, as LLaVA), `audio`, ... (each registered modality's record key)."""
     if not isinstance(record, dict):
         raise SampleError(f"#{index}", f"expected a JSON object, got {type(record).__name__}")
-    sample_id = record.get("id", f"#{index}")
-    turns = record.get("conversations")
+    sample_id = _sample_id(record, index)
+    if "conversations" not in record:
+        raise SampleError(sample_id, _missing_key(record, "conversations"))
+    turns = record["conversations"]
+    if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
+        raise SampleError(sample_id, f"conversations must be a list of {{from, value}} objects, got {_short(turns)}")
     if not turns:
         raise SampleError(sample_id, "empty conversation")
-    if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
-        raise SampleError(sample_id, "conversations must be a list of {from, value} objects")
-    messages = []
-    for turn in turns:
-        role = ROLES.get(turn.get("from", ""))
-        if role is None:
-            raise SampleError(sample_id, f"unknown speaker {turn.get('from')!r} (expected human/gpt)")
-        messages.append({"role": role, "content": str(turn.get("value", ""))})
+    messages = [_message(turn, i, sample_id) for i, turn in enumerate(turns)]
     if not any(m["role"] == "assistant" for m in messages):
         raise SampleError(sample_id, "conversation has no assistant (gpt) turn")
     keys = _media_keys()
@@ -133,7 +191,7 @@ def parse_conversation(record: dict, index: int) -> Conversation:
             continue
         items = [value] if isinstance(value, str) else value
         if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
-            raise SampleError(sample_id, f"{key} must be a path or a list of paths, got {value!r}")
+            raise SampleError(sample_id, f"{key} must be a path or a list of paths, got {_short(value)}")
         if items:
             media[modality] = items
     meta = {k: v for k, v in record.items() if k not in ("id", "conversations", *keys)}
@@ -174,15 +232,20 @@ class Processor:
         self.max_length = max_length
 
     # ------------------------------------------------------------------------------------------- text
-    def _render(self, messages: list[dict], add_generation_prompt: bool, **kw) -> dict:
-        return self.tokenizer.apply_chat_template(
-            messages, tokenize=True, return_dict=True, add_generation_prompt=add_generation_prompt, **kw
-        )
+    def _render(self, conv: Conversation, messages: list[dict], add_generation_prompt: bool, **kw) -> dict:
+        from jinja2 import TemplateError  # transformers renders chat templates with jinja2, an optional dependency
+
+        try:
+            return self.tokenizer.apply_chat_template(
+                messages, tokenize=True, return_dict=True, add_generation_prompt=add_generation_prompt, **kw
+            )
+        except TemplateError as err:  # e.g. a template's raise_exception("roles must alternate user/assistant")
+            raise SampleError(conv.id, f"the chat template refused the conversation: {err}") from err
 
     def _chat_spans(self, conv: Conversation) -> tuple[list[int], list[int]]:
         msgs = conv.messages
         if _GENERATION_TAG.search(self.tokenizer.chat_template or ""):
-            out = self._render(msgs, False, return_assistant_tokens_mask=True)
+            out = self._render(conv, msgs, False, return_assistant_tokens_mask=True)
             ids, mask = list(out["input_ids"]), list(out["assistant_masks"])
             runs = sum(1 for i, m in enumerate(mask) if m and (i == 0 or not mask[i - 1]))
             n_assistant = sum(m["role"] == "assistant" for m in msgs)
@@ -196,7 +259,7 @@ class Processor:
             steps = [(msgs[:i], True, False)] if msg["role"] == "assistant" else []
             steps.append((msgs[: i + 1], False, msg["role"] == "assistant"))
             for prefix, gen_prompt, supervised in steps:
-                full = list(self._render(prefix, gen_prompt)["input_ids"])
+                full = list(self._render(conv, prefix, gen_prompt)["input_ids"])
                 if full[: len(ids)] != ids:
                     raise SampleError(conv.id, f"chat template output for turn {i} does not extend the earlier turns")
                 new = full[len(ids) :]
@@ -233,12 +296,24 @@ class Processor:
 
     def tokenize(self, conv: Conversation) -> tuple[list[int], list[int]]:
         """Token ids with each placeholder (`<image>`, ...) expanded to its modality's `tokens_per_item` ids, and
-        labels (-100 = not trained). Documents are tokenized as running text whatever the template."""
+        labels (-100 = not trained). Documents are tokenized as running text whatever the template. A conversation
+        must end on an assistant turn: a last question with no answer teaches nothing and usually means a record
+        was cut (generation prompts, which do end on a question, go through `prompt_ids`)."""
         if conv.is_document:
             ids, labels = self._document(conv)
         else:
+            self._check_answered(conv)
             ids, labels = self._plain(conv) if self.template == "plain" else self._chat_spans(conv)
         return self._expand(conv, ids, labels)
+
+    @staticmethod
+    def _check_answered(conv: Conversation) -> None:
+        if not conv.messages:
+            raise SampleError(conv.id, "empty conversation")
+        last = conv.messages[-1]["role"]
+        if last != "assistant":
+            speaker = "human" if last == "user" else last
+            raise SampleError(conv.id, f"ends with a {speaker} turn that has no gpt answer")
 
     def prompt_ids(self, conv: Conversation) -> list[int]:
         """Ids for generation: every turn up to and including the last user turn, then the assistant prompt. A
@@ -253,7 +328,7 @@ class Processor:
         if self.template == "plain":
             ids = self._plain_head(conv)
         else:
-            ids = list(self._render(msgs, True)["input_ids"])
+            ids = list(self._render(conv, msgs, True)["input_ids"])
         return self._expand(conv, ids, None)[0]
 
     def _expand(self, conv: Conversation, ids: list[int], labels: list[int] | None):
@@ -294,7 +369,9 @@ class Processor:
 
 def processor_for(model, tokenizer, data_cfg) -> Processor:
     """The processor that feeds `model` (any family): one MediaSpec per modality it reads, the recipe's template.
-    A recipe's own chat template (data.chat_template) replaces the tokenizer's."""
+    A recipe's own chat template (data.chat_template) replaces the tokenizer's. The media loaders take their
+    limits from data.limits from here on (every training and evaluation path builds its processor here)."""
+    set_limits(data_cfg.limits)
     if data_cfg.chat_template:
         tokenizer.chat_template = data_cfg.chat_template
     specs = [

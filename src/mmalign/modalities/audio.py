@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mmalign.modalities.base import MediaError, Modality, Synthetic, register_modality
+from mmalign.modalities.base import MediaError, Modality, Synthetic, check_limit, register_modality, require_file
 from mmalign.registry import register_encoder
 
 SAMPLE_RATE = 8000
@@ -87,7 +87,13 @@ def _read_file(data: bytes, name: str) -> tuple[np.ndarray, int]:
     if reason:
         raise MediaError(f"unreadable audio {name}: {reason}")
     try:
-        samples, rate = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
+        with soundfile.SoundFile(io.BytesIO(data)) as f:
+            # The header gives the length: a clip over data.limits.max_audio_seconds fails before it is decoded.
+            seconds = f.frames / f.samplerate
+            check_limit(name, seconds, "max_audio_seconds", f"{seconds:.1f} seconds of audio")
+            samples, rate = f.read(dtype="float32", always_2d=True), f.samplerate
+    except MediaError:
+        raise
     except (RuntimeError, ValueError, TypeError) as err:  # soundfile's errors derive from RuntimeError
         raise MediaError(f"unreadable audio {name}: {err}") from err
     return samples, int(rate)
@@ -107,9 +113,7 @@ def load_audio(source: str | Path | bytes | np.ndarray | torch.Tensor, sample_ra
     if isinstance(source, bytes | bytearray):
         name, data = "<bytes>", bytes(source)
     elif isinstance(source, str | Path):
-        path = Path(source)
-        if not path.is_file():
-            raise MediaError(f"audio file not found: {path}")
+        path = require_file(source, "audio")
         name, data = str(path), path.read_bytes()
     else:
         raise MediaError(f"audio must be a path, bytes or an array, got {type(source).__name__}")

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import io
 import random
+import re
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,20 +15,84 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
+from mmalign.config import MediaLimits
 from mmalign.registry import Registry
 
 
 class MediaError(ValueError):
-    """A media input that cannot be used (missing, unreadable, wrong kind)."""
+    """A media input that cannot be used (missing, unreadable, wrong kind, over a size limit)."""
+
+
+# The loaders read the limits from here rather than from an argument: `Modality.load(source)` is called from many
+# places (processor, pairs, few-shot) that hold no config. `processor_for` sets them from data.limits; DataLoader
+# workers, forked after it, inherit them.
+_limits: MediaLimits | None = None
+
+
+def set_limits(limits: MediaLimits | None) -> None:
+    """Use `limits` in every loader from now on; None restores the defaults."""
+    global _limits
+    _limits = limits
+
+
+def current_limits() -> MediaLimits:
+    """The limits the loaders apply: the last `set_limits`, else MediaLimits' defaults."""
+    return _limits if _limits is not None else MediaLimits()
+
+
+def check_limit(name: str, amount: float, key: str, what: str) -> None:
+    """MediaError naming the file and the data.limits key when `amount` is over that limit (`what` describes
+    the amount, e.g. "30000x30000 pixels")."""
+    limit = getattr(current_limits(), key)
+    if amount > limit:
+        raise MediaError(f"{name}: {what} exceed data.limits.{key}={limit}; raise the limit if this input is wanted")
+
+
+def open_image(source: Path | io.BytesIO, name: str) -> Image.Image:
+    """A PIL image with only its header read (no pixels decoded yet), within data.limits.max_image_pixels.
+
+    PIL's own decompression-bomb guard runs inside `Image.open`: its warning (past Image.MAX_IMAGE_PIXELS) is
+    silenced because our limit is checked right after from the header, and its error (past twice that, raised
+    before the size can be read) becomes the same message naming our limit."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(source)
+        except Image.DecompressionBombError as err:
+            claimed = re.search(r"\((\d+) pixels\)", str(err))
+            pixels = int(claimed.group(1)) if claimed else 2 * (Image.MAX_IMAGE_PIXELS or 0) + 1
+            check_limit(name, pixels, "max_image_pixels", f"{pixels} pixels")
+            raise MediaError(f"{name}: {err} (PIL's guard, PIL.Image.MAX_IMAGE_PIXELS, is below our limit)") from err
+    width, height = img.size
+    try:
+        check_limit(name, width * height, "max_image_pixels", f"{width}x{height} pixels")
+    except MediaError:
+        img.close()
+        raise
+    return img
 
 
 def require_file(source: str | Path, kind: str) -> Path:
     """`source` as a Path to an existing file, else MediaError "<kind> file not found"."""
     path = Path(source)
-    if not path.is_file():
+    if not is_file(path, kind):
         raise MediaError(f"{kind} file not found: {path}")
     return path
+
+
+def is_file(path: Path, kind: str) -> bool:
+    """`path.is_file()`, but a name the OS refuses (too long, ...) is a MediaError: pathlib raises OSError for it."""
+    try:
+        return path.is_file()
+    except OSError as err:
+        raise MediaError(f"{kind} path refused by the OS ({err.strerror}): {shorten(str(path))}") from err
+
+
+def shorten(text: str, limit: int = 120) -> str:
+    """`text`, cut in the middle past `limit` characters, so a junk value cannot flood a message."""
+    return text if len(text) <= limit else f"{text[: limit // 2]}...{text[-limit // 2 :]} ({len(text)} characters)"
 
 
 def read_bytes(source: str | Path | bytes, kind: str) -> tuple[bytes, str]:

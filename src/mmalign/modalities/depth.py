@@ -21,7 +21,15 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torch import nn
 
-from mmalign.modalities.base import MediaError, Modality, Synthetic, load_npy, register_modality, require_file
+from mmalign.modalities.base import (
+    MediaError,
+    Modality,
+    Synthetic,
+    load_npy,
+    open_image,
+    register_modality,
+    require_file,
+)
 
 MILLIMETRE_MODES = {"I;16", "I;16L", "I;16B", "I"}  # a 16-bit greyscale PNG (older Pillow opens it as "I")
 COLOUR_MODES = {"RGB", "RGBA", "RGBX", "P", "PA", "CMYK", "YCbCr", "LAB", "HSV"}
@@ -48,10 +56,12 @@ def _check_depth(depth: np.ndarray, name: str) -> np.ndarray:
 
 def _load_png(source: Path | io.BytesIO, name: str) -> np.ndarray:
     try:
-        with Image.open(source) as img:
+        with open_image(source, name) as img:  # over data.limits.max_image_pixels: fails before decoding
             img.load()
             mode = img.mode
             pixels = np.asarray(img)
+    except MediaError:
+        raise
     except (UnidentifiedImageError, OSError, EOFError, SyntaxError, ValueError) as err:
         raise MediaError(f"unreadable depth map {name}: {err}") from err
     if mode in COLOUR_MODES:

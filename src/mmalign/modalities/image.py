@@ -14,7 +14,7 @@ from PIL import Image, UnidentifiedImageError
 from torch import nn
 
 from mmalign.data.shapes import ATTRIBUTES, CAPTION_PREFIXES, QUESTIONS, draw_scene, random_scene
-from mmalign.modalities.base import MediaError, Modality, Synthetic, register_modality
+from mmalign.modalities.base import MediaError, Modality, Synthetic, open_image, register_modality, require_file
 
 
 def load_image(source: str | Path | bytes | np.ndarray | Image.Image) -> Image.Image:
@@ -25,17 +25,13 @@ def load_image(source: str | Path | bytes | np.ndarray | Image.Image) -> Image.I
         if source.ndim != 3 or source.shape[-1] != 3:
             raise MediaError(f"image array must be (H, W, 3), got {source.shape}")
         return Image.fromarray(source.astype(np.uint8), "RGB")
+    name = "<bytes>" if isinstance(source, bytes) else str(source)
     try:
-        if isinstance(source, bytes):
-            img = Image.open(io.BytesIO(source))
-        else:
-            path = Path(source)
-            if not path.is_file():
-                raise MediaError(f"image file not found: {path}")
-            img = Image.open(path)
+        # The size comes from the header: an image over data.limits.max_image_pixels fails before it is decoded.
+        img = open_image(io.BytesIO(source) if isinstance(source, bytes) else require_file(source, "image"), name)
         img.load()
-    except (UnidentifiedImageError, OSError) as err:
-        raise MediaError(f"unreadable image {source if not isinstance(source, bytes) else '<bytes>'}: {err}") from err
+    except (UnidentifiedImageError, OSError, SyntaxError, EOFError) as err:
+        raise MediaError(f"unreadable image {name}: {err}") from err
     return img.convert("RGB")
 
 

@@ -20,7 +20,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from mmalign.modalities.base import MediaError, Modality, Synthetic, load_npy, read_bytes, register_modality
+from mmalign.modalities.base import (
+    MediaError,
+    Modality,
+    Synthetic,
+    check_limit,
+    load_npy,
+    read_bytes,
+    register_modality,
+)
 
 PLY_TYPES = {
     "char": "i1", "int8": "i1", "uchar": "u1", "uint8": "u1", "short": "i2", "int16": "i2", "ushort": "u2",
@@ -86,6 +94,10 @@ def _ply_header(data: bytes, name: str) -> tuple[str, list[tuple[str, int, list]
     return fmt, elements, newline + 1
 
 
+def _check_points(count: int, name: str) -> None:
+    check_limit(name, count, "max_points", f"{count} points")
+
+
 def _parse_ply(data: bytes, name: str) -> np.ndarray:
     """The vertex element's x y z [nx ny nz] columns as an (N, 3 or 6) array."""
     fmt, elements, start = _ply_header(data, name)
@@ -93,6 +105,7 @@ def _parse_ply(data: bytes, name: str) -> np.ndarray:
     if "vertex" not in names:
         raise MediaError(f"{name}: PLY has no vertex element")
     before, (_, count, props) = elements[: names.index("vertex")], elements[names.index("vertex")]
+    _check_points(count, name)  # from the header, before the body is parsed
     prop_names = [p for p, _ in props]
     if not set(XYZ) <= set(prop_names):
         raise MediaError(f"{name}: PLY vertices have no x y z properties (got {prop_names})")
@@ -135,7 +148,9 @@ def load_point(source: str | Path | bytes | np.ndarray) -> np.ndarray:
         return _check_cloud(source, "point cloud array")
     data, name = read_bytes(source, "point cloud")
     if data.startswith(b"\x93NUMPY"):
-        points = load_npy(data, name, "NPY point cloud")
+        points = load_npy(data, name, "NPY point cloud")  # uncompressed: it costs what the file weighs
+        if points.ndim:
+            _check_points(len(points), name)
     elif data[:4] in (b"ply\n", b"ply\r"):
         points = _parse_ply(data, name)
     else:

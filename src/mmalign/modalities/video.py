@@ -22,7 +22,16 @@ import torch
 from PIL import Image, ImageSequence, UnidentifiedImageError
 from torch import nn
 
-from mmalign.modalities.base import MediaError, Modality, Synthetic, load_npy, register_modality, require_file
+from mmalign.modalities.base import (
+    MediaError,
+    Modality,
+    Synthetic,
+    check_limit,
+    load_npy,
+    open_image,
+    register_modality,
+    require_file,
+)
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -52,11 +61,22 @@ def _stack(frames: list[np.ndarray], name: str) -> np.ndarray:
     return np.stack(frames)
 
 
+def _check_count(count: int, name: str, at_least: bool = False) -> None:
+    """MediaError naming data.limits.max_video_frames when a clip holds (or claims) more frames than it allows."""
+    check_limit(name, count, "max_video_frames", f"{'at least ' if at_least else ''}{count} frames")
+
+
 def _load_gif(source: Path | io.BytesIO, name: str) -> np.ndarray:
     try:
-        with Image.open(source) as img:
-            # PIL composes each frame with the previous ones according to its disposal method.
-            frames = [np.asarray(frame.convert("RGB")) for frame in ImageSequence.Iterator(img)]
+        with open_image(source, name) as img:
+            # PIL composes each frame with the previous ones according to its disposal method. A GIF's header
+            # gives no frame count: decoding stops at the first frame past the limit.
+            frames = []
+            for frame in ImageSequence.Iterator(img):
+                _check_count(len(frames) + 1, name, at_least=True)
+                frames.append(np.asarray(frame.convert("RGB")))
+    except MediaError:
+        raise
     except (UnidentifiedImageError, OSError, EOFError, SyntaxError, ValueError) as err:
         raise MediaError(f"unreadable GIF {name}: {err}") from err
     return _stack(frames, name)
@@ -71,11 +91,14 @@ def _load_folder(folder: Path) -> np.ndarray:
     files = sorted((p for p in folder.iterdir() if p.suffix.lower() in FRAME_SUFFIXES), key=_natural_key)
     if not files:
         raise MediaError(f"{folder}: the folder holds zero frames (no {', '.join(sorted(FRAME_SUFFIXES))} files)")
+    _check_count(len(files), str(folder))
     frames = []
     for file in files:
         try:
-            with Image.open(file) as img:
+            with open_image(file, str(file)) as img:
                 frames.append(np.asarray(img.convert("RGB")))
+        except MediaError:
+            raise
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
             raise MediaError(f"unreadable frame {file}: {err}") from err
     return _stack(frames, str(folder))
@@ -90,10 +113,29 @@ def _load_container(source: Path | io.BytesIO, name: str) -> np.ndarray:
         with av.open(source if isinstance(source, io.BytesIO) else str(source)) as container:
             if not container.streams.video:
                 raise MediaError(f"{name}: the file holds no video stream")
-            frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
+            _check_count(container.streams.video[0].frames, name)  # 0 when the container does not say
+            frames = []
+            for frame in container.decode(video=0):
+                _check_count(len(frames) + 1, name, at_least=True)  # the header may not say, or may lie
+                frames.append(frame.to_ndarray(format="rgb24"))
     except av.FFmpegError as err:
         raise MediaError(f"unreadable video {name}: {err}") from err
     return _stack(frames, name)
+
+
+def _load_npy(source: Path | io.BytesIO, name: str) -> np.ndarray:
+    # An .npy file is stored uncompressed, so loading it costs what the file weighs; its frames count after.
+    frames = load_npy(source, name, ".npy video")
+    if frames.ndim:
+        _check_count(len(frames), name)
+    return frames
+
+
+def _is_dir(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except OSError:  # a name the OS refuses (too long, ...): require_file says so
+        return False
 
 
 def load_video(source: str | Path | bytes | np.ndarray) -> np.ndarray:
@@ -106,17 +148,17 @@ def load_video(source: str | Path | bytes | np.ndarray) -> np.ndarray:
         if source[:4] == b"GIF8":
             return _check_frames(_load_gif(buf, name), name)
         if source[:6] == b"\x93NUMPY":
-            return _check_frames(load_npy(buf, name, ".npy video"), name)
+            return _check_frames(_load_npy(buf, name), name)
         return _check_frames(_load_container(buf, name), name)
     path = Path(source)
-    if path.is_dir():
+    if _is_dir(path):
         return _check_frames(_load_folder(path), str(path))
     path = require_file(path, "video")
     suffix = path.suffix.lower()
     if suffix == ".gif":
         frames = _load_gif(path, str(path))
     elif suffix == ".npy":
-        frames = load_npy(path, str(path), ".npy video")
+        frames = _load_npy(path, str(path))
     elif suffix in CONTAINER_SUFFIXES:
         frames = _load_container(path, str(path))
     else:
