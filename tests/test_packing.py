@@ -74,11 +74,11 @@ def test_grouped_batches_cut_padding_and_never_mix_modalities(base, shapes, tmp_
     obj = LMObjective(recipe(base, shapes, tmp_path, batch_size=4, data=data))
     lengths, groups = obj.train_ds.lengths()
     assert set(groups) == {"image", "text"}
-    grouped = obj.epoch_batches(obj.train_ds, 0, obj.cfg.train)
+    grouped = obj.epoch_batches(obj.train_ds, 0)
     assert sorted(i for b in grouped for i in b) == list(range(len(lengths)))
     assert all(len({groups[i] for i in b}) == 1 for b in grouped)
     obj.cfg.data.group_by_length = False
-    shuffled = obj.epoch_batches(obj.train_ds, 0, obj.cfg.train)
+    shuffled = obj.epoch_batches(obj.train_ds, 0)
     assert padding_waste(grouped, lengths) < padding_waste(shuffled, lengths)
 
 

@@ -69,6 +69,13 @@ def layer_stack(module: nn.Module) -> nn.ModuleList | None:
     return best
 
 
+def stack_blocks(model: nn.Module) -> list[nn.Module]:
+    """Every block of every declared group's stack (LLM layers, encoder layers), in group order: the units that
+    activation checkpointing and FSDP work on."""
+    stacks = [layer_stack(module) for module in model.param_groups().values()]
+    return [block for stack in stacks if stack is not None for block in stack]
+
+
 def depths(module: nn.Module) -> tuple[dict[int, int], int]:
     """({id(parameter): depth}, deepest) in input-to-output order: 0 for parameters registered before the stack
     (embeddings, stem), i + 1 inside block i, L + 1 after it (final norm, head). A group without a stack is one
@@ -138,10 +145,8 @@ def _checkpointed(cls: type) -> type:
 def checkpoint_stacks(model: nn.Module) -> int:
     """Turn on activation checkpointing for every block of every group's stack; returns how many blocks."""
     n = 0
-    for module in model.param_groups().values():
-        stack = layer_stack(module)
-        for block in stack if stack is not None else []:
-            if type(block) not in _CHECKPOINTED.values():
-                block.__class__ = _checkpointed(type(block))
-                n += 1
+    for block in stack_blocks(model):
+        if type(block) not in _CHECKPOINTED.values():
+            block.__class__ = _checkpointed(type(block))
+            n += 1
     return n

@@ -13,7 +13,7 @@ import contextlib
 import torch
 from torch import nn
 
-from mmalign.models.layers import layer_stack
+from mmalign.models.layers import stack_blocks
 
 
 def shard_model(model: nn.Module) -> str:
@@ -21,10 +21,8 @@ def shard_model(model: nn.Module) -> str:
     line saying how much of the model this rank holds."""
     from torch.distributed.fsdp import fully_shard
 
-    for module in model.param_groups().values():
-        stack = layer_stack(module)
-        for block in stack if stack is not None else []:
-            fully_shard(block)
+    for block in stack_blocks(model):
+        fully_shard(block)
     fully_shard(model)
     held = sum(p.to_local().numel() for p in model.parameters())
     total = sum(p.numel() for p in model.parameters())

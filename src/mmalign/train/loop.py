@@ -117,7 +117,7 @@ class LMObjective(Objective):
         size = batch_size * rank_and_world()[1]
         if self.shards is not None:
             return sum(-(-n // size) for n in self.shard_sizes)
-        return len(self.epoch_batches(self.train_ds, 0, self.cfg.train))
+        return len(self.epoch_batches(self.train_ds, 0))
 
     def batches(self, state: dict, cfg, log):
         """Collated batches from the saved position on: (epoch, cursor), plus the shard position when streaming.
@@ -127,15 +127,15 @@ class LMObjective(Objective):
         state.setdefault("shard", 0)
         while True:
             if self.shards is None:
-                yield from self._pass(self.train_ds, self.epoch_batches(self.train_ds, state["epoch"], cfg), state, log)
+                yield from self._pass(self.train_ds, self.epoch_batches(self.train_ds, state["epoch"]), state, log)
             else:
-                yield from self._stream(state, cfg, log)
+                yield from self._stream(state, log)
             state["epoch"] += 1
             state["cursor"] = 0
 
-    def _stream(self, state: dict, cfg, log):
+    def _stream(self, state: dict, log):
         """One epoch over the shards in their seeded order, one shard in memory (and on scratch disk) at a time."""
-        order = shard_order(len(self.shards), cfg.seed, state["epoch"])
+        order = shard_order(len(self.shards), self.cfg.train.seed, state["epoch"])
         scratch = self.out / ".stream" / f"rank{rank_and_world()[0]}"
         while state["shard"] < len(order):
             k = order[state["shard"]]
@@ -143,7 +143,7 @@ class LMObjective(Objective):
             try:
                 source = str(shard.path)
                 ds = ConversationDataset.from_records(shard.records, shard.media_folder, self.processor, source)
-                yield from self._pass(ds, self.epoch_batches(ds, state["epoch"], cfg, shard=k), state, log)
+                yield from self._pass(ds, self.epoch_batches(ds, state["epoch"], shard=k), state, log)
             finally:
                 close_shard(shard)
             state["shard"] += 1
@@ -172,9 +172,10 @@ class LMObjective(Objective):
             elif world > 1:  # the other ranks would wait for this one's gradients forever
                 raise TooManyBadSamples(f"rank {rank}: every sample of batch {state['cursor']} was bad")
 
-    def epoch_batches(self, ds: ConversationDataset, epoch: int, cfg, shard: int | None = None) -> list[list[int]]:
+    def epoch_batches(self, ds: ConversationDataset, epoch: int, shard: int | None = None) -> list[list[int]]:
         """Global batches of sample indices of `ds` for one epoch (of one shard): a pure function of the seed,
         epoch and shard, so resume replays it."""
+        cfg = self.cfg.train
         size = cfg.batch_size * rank_and_world()[1]
         if self.cfg.data.group_by_length:
             lengths, groups = ds.lengths()

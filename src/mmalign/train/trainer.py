@@ -142,8 +142,9 @@ class Objective(nn.Module):
     """
 
     name = "objective"
-    # Whether `batches` hands each rank its own slice of a global batch (see `shard`); the Trainer then runs the
-    # objective under DistributedDataParallel. Objectives that sample per rank and gather themselves leave it False.
+    # Whether `batches` hands each rank its own slice of a global batch (see `loop.rank_slice`); the Trainer then
+    # runs the objective under DistributedDataParallel (or FSDP2). Objectives that sample per rank and gather
+    # themselves leave it False.
     shards_data = False
     forward_fn = None  # set by the Trainer: the DDP-wrapped forward
 
