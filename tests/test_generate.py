@@ -94,3 +94,22 @@ def test_cached_left_padded_logits_equal_full_recomputation(setup, room):
             expected = model(full, media={"image": pixels[i : i + 1]})["logits"][0, len(prompt) - 1 :]  # (4, V)
             got = torch.stack([s[i] for s in steps])
             torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_top_p_keeps_the_smallest_set_that_reaches_p_and_resamples_within_it():
+    from mmalign.generate import _pick
+
+    probs = torch.tensor([[0.04, 0.5, 0.06, 0.3, 0.1], [0.2, 0.2, 0.2, 0.2, 0.2]])
+    logits = probs.log().repeat(2000, 1)  # rows alternate: a peaked distribution, a flat one
+    g = torch.Generator().manual_seed(0)
+
+    def draws(top_p, temperature=1.0):
+        return _pick(logits, temperature, top_p, g).view(2000, 2)
+
+    peaked, flat = draws(0.75).unbind(1)
+    assert set(peaked.tolist()) == {1, 3}  # 0.5 + 0.3 reaches 0.75; the tail of 0.2 is never drawn
+    assert (peaked == 1).float().mean() == pytest.approx(0.5 / 0.8, abs=0.04)  # renormalised within the set
+    assert len(set(flat.tolist())) == 4  # flat: four of 0.2 reach 0.75, the fifth is dropped
+    assert set(draws(0.45)[:, 0].tolist()) == {1}  # the top token alone already reaches 0.45
+    assert set(draws(1.0)[:, 0].tolist()) == {0, 1, 2, 3, 4}
+    assert (draws(1.0, temperature=0.0)[:, 0] == 1).all()  # temperature 0: the argmax, not a draw

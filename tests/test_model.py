@@ -61,6 +61,12 @@ def test_image_count_mismatch_names_the_samples(model):
     b = batch_for(model)
     with pytest.raises(MediaCountError, match=r"s1: \d+ image tokens, s2"):
         model(b["input_ids"], media={"image": b["media"]["image"][:1]}, sample_ids=["s1", "s2"])
+    n = model.encoders["image"].num_tokens
+    extra = torch.cat([b["media"]["image"], b["media"]["image"][:1]])  # more images than image positions
+    with pytest.raises(MediaCountError, match=rf"{2 * n} image-token positions but 3 image items x {n} tokens"):
+        model(b["input_ids"], media={"image": extra})
+    with pytest.raises(MediaCountError, match=r"no encoder for \['audio'\]; it reads \['image'\]"):
+        model(b["input_ids"], media={"image": b["media"]["image"], "audio": torch.zeros(2, 8)})
 
 
 def test_frozen_encoder_runs_without_autograd(model):

@@ -110,6 +110,40 @@ def test_gradient_accumulation_is_exact(base, shapes, tmp_path):
         torch.testing.assert_close(a[k], b[k], atol=2e-6, rtol=1e-5)
 
 
+def _window_gradients(cfg) -> dict[str, torch.Tensor]:
+    """The gradients the first optimizer step of `cfg` would apply (captured instead of stepping)."""
+    trainer = recipe_trainer(cfg)
+    grads = {}
+
+    def capture():
+        for name, p in trainer.objective.model.named_parameters():
+            if p.grad is not None:
+                grads[name] = p.grad.clone()
+
+    trainer.optimizer.step, trainer.scheduler.step = capture, lambda: None
+    trainer._step(trainer.objective.batches(trainer.state, cfg.train, print))
+    return grads
+
+
+def test_accumulated_gradients_equal_the_full_batch_with_answers_of_different_lengths(base, shapes, tmp_path):
+    """Each micro-batch's loss is a sum over its answer tokens, divided by the tokens of the whole window: with
+    answers of 1 to 8 words, averaging per micro-batch (or per sample) would give different gradients."""
+    records = json.loads(open(shapes["conversations"]).read())[:8]
+    for k, rec in enumerate(records):
+        answer = rec["conversations"][1]["value"]
+        rec["conversations"] = rec["conversations"][:2]
+        rec["conversations"][1]["value"] = " ".join([answer] * (k + 1))
+    data = tmp_path / "lengths.json"
+    data.write_text(json.dumps(records))
+    kw = dict(max_steps=1, clip_grad=0.0, data={"train": str(data)})  # clipping would hide the gradients' scale
+    one = recipe(base, shapes, tmp_path / "one", batch_size=8, **kw)
+    two = recipe(base, shapes, tmp_path / "two", batch_size=4, grad_accum=2, **kw)
+    a, b = _window_gradients(one), _window_gradients(two)
+    assert a.keys() == b.keys() and len(a) > 0
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-7, rtol=1e-5)
+
+
 def _with_bad_records(shapes, tmp_path, positions):
     records = json.loads(open(shapes["conversations"]).read())[:16]
     bad = [

@@ -1,0 +1,178 @@
+"""Mutation testing of the core modules, on demand (not in CI): how many small planted bugs the tests catch.
+
+    python scripts/mutation.py                      # every core module (about an hour on 2 cores)
+    python scripts/mutation.py optim generate       # some modules, by short name
+    python scripts/mutation.py --sample 40          # 40 mutants drawn per module (seeded): an estimate in ~40 min
+    python scripts/mutation.py --report             # the table of the last run, without running
+
+mutmut (the `mutation` extra) writes a mutated copy of the package under `mutants/`, and for each mutant runs the
+tests that reach the mutated function (from the `[tool.mutmut]` test selection in pyproject.toml). This script runs
+it, then prints per module the mutants killed and survived and the score (killed / all), and every survivor with its
+diff, except those listed in scripts/mutation_equivalent.toml as equivalent (a change no test could see), which are
+counted and shown with their reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import tomllib
+
+ROOT = Path(__file__).resolve().parent.parent
+EQUIVALENT = Path(__file__).with_name("mutation_equivalent.toml")
+# short name -> module path under src/; keep in step with [tool.mutmut] only_mutate in pyproject.toml
+CORE = {
+    "processor": "mmalign/data/processor.py",
+    "dataset": "mmalign/data/dataset.py",
+    "tokenizer": "mmalign/data/tokenizer.py",
+    "multimodal": "mmalign/models/multimodal.py",
+    "trainer": "mmalign/train/trainer.py",
+    "loop": "mmalign/train/loop.py",
+    "checkpoint": "mmalign/train/checkpoint.py",
+    "optim": "mmalign/train/optim.py",
+    "losses": "mmalign/contrastive/losses.py",
+    "generate": "mmalign/generate.py",
+    "hf_llava": "mmalign/interop/hf_llava.py",
+}
+KILLED = {"killed", "timeout", "segfault", "caught by type check"}
+SAMPLE = ROOT / "mutants" / "sample.json"  # the mutants a --sample run drew, for --report
+# mutmut's own first steps of a run: copy the package to mutants/ and write each module's mutants (no tests run)
+GENERATE = (
+    "import os; from mutmut.__main__ import copy_also_copy_files, copy_src_dir, create_mutants, setup_source_paths;"
+    "os.makedirs('mutants', exist_ok=True); copy_src_dir(); copy_also_copy_files(); setup_source_paths();"
+    "create_mutants(os.cpu_count() or 1)"
+)
+
+
+def dotted(path: str) -> str:
+    return path.removesuffix(".py").replace("/", ".")
+
+
+def draw(modules: list[str], n: int, seed: int) -> dict[str, list[str]]:
+    """`n` mutants per module, drawn at random (seeded) from all of its mutants."""
+    subprocess.run([sys.executable, "-c", GENERATE], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+    rng = random.Random(seed)
+    sample = {}
+    for m in modules:
+        names = sorted(results(CORE[m]))
+        sample[m] = sorted(rng.sample(names, min(n, len(names))))
+    SAMPLE.write_text(json.dumps(sample, indent=1))
+    return sample
+
+
+def run(modules: list[str], children: int, sample: dict[str, list[str]] | None) -> int:
+    # One thread per test process: the children share the cores, and oversubscribed torch crawls.
+    env = os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if sample is not None:
+        names = [name for m in modules for name in sample[m]]
+    else:
+        names = [f"{dotted(CORE[m])}.*" for m in modules] if modules != list(CORE) else []
+    cmd = [sys.executable, "-m", "mutmut", "run", "--max-children", str(children), *names]
+    print("+", " ".join(cmd[:6]), f"... ({len(names)} names)" if names else "", flush=True)
+    return subprocess.call(cmd, cwd=ROOT, env=env)
+
+
+def interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson 95% interval of a proportion k/n: how far a sampled score may be from the full run's."""
+    if n == 0:
+        return float("nan"), float("nan")
+    p = k / n
+    centre, half = p + z * z / (2 * n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return (centre - half) / (1 + z * z / n), (centre + half) / (1 + z * z / n)
+
+
+def results(path: str) -> dict[str, str]:
+    """{mutant name: status} of one module from mutmut's record of the last run."""
+    from mutmut.stats import status_by_exit_code
+
+    meta = ROOT / "mutants" / "src" / f"{path}.meta"
+    if not meta.is_file():
+        return {}
+    codes = json.loads(meta.read_text())["exit_code_by_key"]
+    return {name: status_by_exit_code[code] for name, code in codes.items()}
+
+
+def diff(name: str) -> str:
+    out = subprocess.run(
+        [sys.executable, "-m", "mutmut", "show", name], cwd=ROOT, capture_output=True, text=True, check=False
+    )
+    lines = [line for line in out.stdout.splitlines() if line.startswith(("+", "-")) and line[:3] not in {"+++", "---"}]
+    return "\n".join(f"      {line}" for line in lines)
+
+
+def report(modules: list[str], show_diffs: bool, sample: dict[str, list[str]] | None) -> float:
+    equivalent = tomllib.loads(EQUIVALENT.read_text()) if EQUIVALENT.is_file() else {}
+    rows, survivors, listed = [], [], []
+    for m in modules:
+        status = results(CORE[m])
+        if sample is not None:
+            status = {name: status.get(name, "not checked") for name in sample.get(m, [])}
+        if not status:
+            rows.append((m, 0, 0, 0, 0, float("nan")))
+            continue
+        killed = sum(s in KILLED for s in status.values())
+        missed = [n for n, s in status.items() if s not in KILLED]
+        equiv = [n for n in missed if n in equivalent]
+        survivors += [(n, status[n]) for n in missed if n not in equivalent]
+        listed += [(n, equivalent[n]) for n in equiv]
+        rows.append((m, len(status), killed, len(missed) - len(equiv), len(equiv), killed / len(status)))
+    print(f"\n{'module':<12}{'mutants':>9}{'killed':>8}{'missed':>8}{'equiv.':>8}{'score':>8}")
+    for m, total, killed, missed, equiv, score in rows:
+        print(f"{m:<12}{total:>9}{killed:>8}{missed:>8}{equiv:>8}{score:>8.1%}")
+    total = sum(r[1] for r in rows)
+    killed = sum(r[2] for r in rows)
+    overall = killed / max(total, 1)
+    equiv = sum(r[4] for r in rows)
+    print(f"{'all':<12}{total:>9}{killed:>8}{total - killed - equiv:>8}{equiv:>8}{overall:>8.1%}")
+    if sample is not None:
+        low, high = interval(killed, total)
+        print(f"\na sample of {total} mutants: the score of all of them is in [{low:.1%}, {high:.1%}] (95%)")
+    print(f"score = killed / mutants; {equiv} equivalent mutants count as missed in it.")
+    if listed:
+        print("\nequivalent (scripts/mutation_equivalent.toml):")
+        for name, reason in listed:
+            print(f"  {name}: {reason}")
+    if survivors:
+        print(f"\n{len(survivors)} mutants no test caught:")
+        for name, status in survivors:
+            print(f"  {name} ({status})")
+            if show_diffs:
+                print(diff(name))
+    return overall
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("modules", nargs="*", choices=[[], *CORE], metavar="module", help=f"of {', '.join(CORE)}")
+    parser.add_argument("--report", action="store_true", help="print the last run's results without running")
+    parser.add_argument("--max-children", type=int, default=os.cpu_count() or 1, help="test processes at once")
+    parser.add_argument("--sample", type=int, metavar="N", help="run N mutants per module, drawn at random")
+    parser.add_argument("--seed", type=int, default=0, help="of the --sample draw")
+    parser.add_argument("--no-diffs", action="store_true", help="list surviving mutants without their diffs")
+    args = parser.parse_args()
+    try:
+        import mutmut  # noqa: F401
+    except ImportError:
+        sys.exit("mutation testing needs mutmut: pip install -e '.[mutation]'")
+    modules = args.modules or list(CORE)
+    sample = None
+    if args.sample:
+        sample = draw(modules, args.sample, args.seed)
+    elif args.report and SAMPLE.is_file():
+        sample = json.loads(SAMPLE.read_text())
+    if not args.report:
+        if not args.sample:
+            SAMPLE.unlink(missing_ok=True)
+        run(modules, args.max_children, sample)
+    report(modules, show_diffs=not args.no_diffs, sample=sample)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,130 @@
+"""The HF Llava converter beyond the default settings: which layer and tokens the tower hands on, a projector
+without bias, a SigLIP tower, each compared by logits both ways; and the settings it refuses, by name."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import (
+    AutoTokenizer,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    SiglipVisionConfig,
+)
+
+from mmalign.interop.hf_llava import export_hf_llava, import_hf_llava
+from mmalign.train.checkpoint import load_checkpoint
+
+TOWER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=32)
+
+
+def write_llava(out, tokenizer_dir, tower="clip", **llava_kw):
+    """A tiny random Llava with `tower` (clip | siglip) and the given LlavaConfig settings, saved to `out`."""
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    vision = (CLIPVisionConfig if tower == "clip" else SiglipVisionConfig)(patch_size=8, **TOWER)
+    text = LlamaConfig(
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(tok),
+        pad_token_id=tok.pad_token_id,
+    )
+    cfg = LlavaConfig(
+        vision_config=vision, text_config=text, image_token_index=tok.convert_tokens_to_ids("<image>"), **llava_kw
+    )
+    model = LlavaForConditionalGeneration(cfg).eval()
+    with torch.no_grad():  # non-zero biases, so a dropped or misplaced bias changes the logits
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.1)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def inputs(model):
+    n_img = model.encoders["image"].num_tokens
+    text = torch.randint(10, 20, (2, 6))
+    image = torch.full((2, n_img), model.media_token_ids["image"])
+    ids = torch.cat([text[:, :2], image, text[:, 2:]], dim=1)
+    mask = torch.ones_like(ids)
+    mask[1, :1] = 0
+    pixels = torch.randn(2, 3, 32, 32)
+    return ids, mask, pixels
+
+
+VARIANTS = {
+    "last-layer": dict(vision_feature_layer=-1),
+    "third-last-layer": dict(vision_feature_layer=-3),
+    "full-strategy": dict(vision_feature_select_strategy="full"),
+    "no-projector-bias": dict(multimodal_projector_bias=False),
+    "siglip": dict(tower="siglip", vision_feature_select_strategy="full", vision_feature_layer=-1),
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_variants_import_and_export_with_equal_logits(variant, shapes, tmp_path):
+    kw = dict(VARIANTS[variant])
+    tower = kw.pop("tower", "clip")
+    src = write_llava(tmp_path / "src", shapes["tokenizer"], tower, **kw)
+    hf = LlavaForConditionalGeneration.from_pretrained(src).eval()
+    ours, tok, cfg = load_checkpoint(import_hf_llava(src, tmp_path / "ours"))
+    assert ours.encoders["image"].feature_layer == hf.config.vision_feature_layer
+    ids, mask, pixels = inputs(ours)
+    with torch.no_grad():
+        expected = hf(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
+        got = ours(input_ids=ids, attention_mask=mask, media={"image": pixels})["logits"]
+    torch.testing.assert_close(got, expected)
+
+    with torch.no_grad():  # away from the imported weights, so the export cannot pass by copying the source
+        for p in ours.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    export_hf_llava(ours, tok, cfg, tmp_path / "hf")
+    back = LlavaForConditionalGeneration.from_pretrained(tmp_path / "hf").eval()
+    for key in ("vision_feature_layer", "vision_feature_select_strategy", "multimodal_projector_bias"):
+        assert getattr(back.config, key) == getattr(hf.config, key), key
+    with torch.no_grad():
+        expected = ours(input_ids=ids, attention_mask=mask, media={"image": pixels})["logits"]
+        got = back(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
+    torch.testing.assert_close(got, expected)
+
+
+REFUSED = {
+    "siglip-default": (dict(tower="siglip", vision_feature_select_strategy="default"), "SigLIP Llava with strategy"),
+    "layer-list": (dict(vision_feature_layer=[-2, -1]), r"vision_feature_layer=\[-2, -1\]: only a single layer"),
+    "relu-projector": (dict(projector_hidden_act="relu"), "projector_hidden_act='relu'"),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSED))
+def test_settings_mmalign_cannot_represent_are_refused_by_name(case, shapes, tmp_path):
+    kw, message = REFUSED[case]
+    kw = dict(kw)
+    src = write_llava(tmp_path / "src", shapes["tokenizer"], kw.pop("tower", "clip"), **kw)
+    with pytest.raises(ValueError, match=message):
+        import_hf_llava(src, tmp_path / "ours")
+
+
+def test_an_image_token_id_that_is_not_the_placeholder_is_refused(shapes, tmp_path):
+    src = write_llava(tmp_path / "src", shapes["tokenizer"])
+    cfg = LlavaConfig.from_pretrained(src)
+    cfg.image_token_id = 5
+    cfg.save_pretrained(src)
+    with pytest.raises(ValueError, match="image token id 5 is"):
+        import_hf_llava(src, tmp_path / "ours")
+
+
+def test_export_refuses_models_llava_cannot_hold(shapes, tmp_path):
+    from helpers import tiny_model_config
+    from mmalign.models.builder import build_model
+
+    cfg = tiny_model_config(shapes["tokenizer"], connector="linear")
+    model, tok = build_model(cfg)
+    with pytest.raises(ValueError, match="needs the mlp2x_gelu connector.*this model has linear"):
+        export_hf_llava(model, tok, cfg, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
