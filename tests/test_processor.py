@@ -67,6 +67,19 @@ def test_template_that_rewrites_history_fails_loudly(tok):
         make_processor(bad).tokenize(parse_record(RECORD, 0))
 
 
+def test_generation_tags_that_miss_a_turn_fail_loudly(tok):
+    """A template that tags only the last answer would leave the first unsupervised without a word."""
+    bad = AutoTokenizer.from_pretrained(tok.name_or_path)
+    bad.chat_template = tok.chat_template.replace(
+        "{% generation %}{{ message['content'] }} {{ eos_token }}{% endgeneration %}",
+        "{% if loop.last %}{% generation %}{{ message['content'] }} {{ eos_token }}{% endgeneration %}"
+        "{% else %}{{ message['content'] }} {{ eos_token }}{% endif %}",
+    )
+    assert bad.chat_template != tok.chat_template
+    with pytest.raises(SampleError, match="two-images.*chat template marked 1 assistant spans for 2 turns"):
+        make_processor(bad).tokenize(parse_record(RECORD, 0))
+
+
 def test_plain_template_supervises_only_the_caption(tok):
     rec = {"id": "c", "image": "a.png", "conversations": RECORD["conversations"][:2]}
     ids, labels = make_processor(tok, template="plain").tokenize(parse_record(rec, 0))

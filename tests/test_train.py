@@ -4,10 +4,12 @@ accumulation is exact, bad samples are counted or stop the run with a checkpoint
 from __future__ import annotations
 
 import json
+import math
+import re
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from helpers import stopped_at
 from mmalign.config import (
@@ -237,3 +239,76 @@ def test_resume_refuses_weights_and_state_from_different_steps(base, shapes, tmp
     torch.save(saved, state_file)
     with pytest.raises(RuntimeError, match="weights are from step 2 but trainer_state.pt from step 1"):
         recipe_trainer(cfg, resume=True)
+
+
+def test_too_many_bad_samples_stop_the_run_with_a_count_and_a_checkpoint(base, shapes, tmp_path):
+    """A quarter of the records are bad: past 50 samples seen, a 10% limit stops the run (saved, resumable), and
+    a 30% limit lets one epoch finish with every bad sample counted."""
+    from mmalign.train.loop import TooManyBadSamples
+
+    records = (json.loads(open(shapes["conversations"]).read()) * 2)[:64]
+    for i in range(0, 64, 4):
+        records[i] = {"id": f"bad-{i}", "image": "nope.png", "conversations": records[i + 1]["conversations"]}
+    data = tmp_path / "quarter_bad.json"
+    data.write_text(json.dumps(records))
+    cfg = recipe(base, shapes, tmp_path, max_steps=8, batch_size=8, data={"train": str(data), "max_skip_fraction": 0.1})
+    with pytest.raises(TooManyBadSamples) as err:
+        train(cfg)
+    bad, seen = map(
+        int, re.match(r"(\d+) of (\d+) samples were bad \(> data.max_skip_fraction=0.1\)", str(err.value)).groups()
+    )
+    assert 50 <= seen < 64 and seen % 8 == 0 and bad / seen > 0.1  # stopped at the first batch past 50 samples
+    assert len((tmp_path / "run/skipped.jsonl").read_text().splitlines()) == bad
+    state = torch.load(tmp_path / "run/trainer_state.pt", weights_only=False)["state"]
+    assert state["step"] == seen // 8 - 1 and state["skipped"] < bad  # the last completed step, before the stop
+
+    cfg = recipe(base, shapes, tmp_path / "lenient", max_steps=8, batch_size=8,
+                 data={"train": str(data), "max_skip_fraction": 0.3})  # fmt: skip
+    assert train(cfg)["skipped"] == 16
+
+
+def test_eval_every_and_save_every_fire_at_their_steps(base, shapes, tmp_path, monkeypatch):
+    from mmalign.train.trainer import Trainer
+
+    saves, original = [], Trainer.save
+
+    def spy(self):
+        saves.append(self.state["step"])
+        return original(self)
+
+    monkeypatch.setattr(Trainer, "save", spy)
+    cfg = recipe(base, shapes, tmp_path, max_steps=6, batch_size=4, eval_every=2, save_every=4,
+                 data={"val": shapes["val"]})  # fmt: skip
+    summary = train(cfg)
+    rows = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "val_loss" in r] == [2, 4, 6]  # every 2 steps, and once at the end
+    assert saves == [4, 6]  # every 4 steps, and once at the end
+    assert summary["val_loss"] == rows[-1]["val_loss"]
+
+
+@pytest.mark.parametrize(
+    "precision, dtype", [("bf16", torch.bfloat16), ("fp32", torch.float32), ("auto", torch.float32)]
+)
+def test_precision_sets_the_compute_dtype_and_keeps_fp32_weights(base, shapes, tmp_path, precision, dtype):
+    """bf16 runs the forward under autocast (matmuls in bf16, weights and optimizer in fp32); auto on a CPU is fp32."""
+    trainer = recipe_trainer(recipe(base, shapes, tmp_path, max_steps=2, batch_size=4, precision=precision))
+    model = trainer.objective.model
+    seen = []
+    model.llm.model.layers[0].mlp.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    trainer.fit()
+    assert seen and set(seen) == {dtype}
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    assert all(math.isfinite(v) for v in trainer.history["lm"])
+
+
+def test_a_checkpoint_lacking_required_weights_is_refused(base, shapes, tmp_path):
+    train(recipe(base, shapes, tmp_path, max_steps=1, trainable=["connector"]))
+    weights = load_file(tmp_path / "run/model.safetensors")
+    assert any(k.startswith("connectors.") for k in weights)
+    save_file({k: v for k, v in weights.items() if k != "connectors.image.layers.0.weight"},
+              tmp_path / "run/model.safetensors")  # fmt: skip
+    with pytest.raises(KeyError, match=r"1 required weights are missing, e.g. \['connectors.image.layers.0.weight'\]"):
+        load_checkpoint(tmp_path / "run")
+    save_file(weights | {"connectors.image.extra": torch.zeros(2)}, tmp_path / "run/model.safetensors")
+    with pytest.raises(KeyError, match=r"1 weights do not fit this model, e.g. \['connectors.image.extra'\]"):
+        load_checkpoint(tmp_path / "run")
