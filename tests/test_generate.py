@@ -113,3 +113,23 @@ def test_top_p_keeps_the_smallest_set_that_reaches_p_and_resamples_within_it():
     assert set(draws(0.45)[:, 0].tolist()) == {1}  # the top token alone already reaches 0.45
     assert set(draws(1.0)[:, 0].tolist()) == {0, 1, 2, 3, 4}
     assert (draws(1.0, temperature=0.0)[:, 0] == 1).all()  # temperature 0: the argmax, not a draw
+
+
+def test_temperature_divides_the_logits():
+    from mmalign.generate import _pick
+
+    probs = torch.tensor([0.04, 0.5, 0.06, 0.3, 0.1])
+    logits = probs.log().repeat(4000, 1)
+    g = torch.Generator().manual_seed(0)
+    for temperature in (0.5, 2.0):
+        sharpened = probs ** (1 / temperature) / (probs ** (1 / temperature)).sum()
+        drawn = _pick(logits, temperature, 1.0, g)
+        assert (drawn == 1).float().mean() == pytest.approx(float(sharpened[1]), abs=0.03)
+
+
+def test_left_pad_puts_every_row_on_the_right_with_a_long_mask():
+    from mmalign.generate import left_pad
+
+    ids, mask = left_pad([[5, 6, 7], [8]], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert ids.dtype == mask.dtype == torch.long

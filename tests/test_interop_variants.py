@@ -128,3 +128,10 @@ def test_export_refuses_models_llava_cannot_hold(shapes, tmp_path):
     with pytest.raises(ValueError, match="needs the mlp2x_gelu connector.*this model has linear"):
         export_hf_llava(model, tok, cfg, tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
+
+    from test_flamingo import flamingo_config
+
+    cfg = flamingo_config(shapes["tokenizer"])
+    model, tok = build_model(cfg)
+    with pytest.raises(ValueError, match=r"projector-family model reading images only; this one is flamingo reading"):
+        export_hf_llava(model, tok, cfg, tmp_path / "hf")
