@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench mutation clean
 
 $(BIN)/mmalign: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,12 +18,17 @@ demo: install
 	$(BIN)/mmalign quickstart
 
 test: install
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks scripts
+	$(BIN)/ruff format --check src tests benchmarks scripts
 	$(BIN)/python -m pytest
 
 bench: install
 	$(BIN)/python benchmarks/bench_train_step.py
 
+# On demand, not in CI: mutation testing of the core modules (see README, Development). ARGS="--sample 30" etc.
+mutation: install
+	$(BIN)/pip install --quiet -e ".[mutation]"
+	$(BIN)/python scripts/mutation.py $(ARGS)
+
 clean:
-	rm -rf runs data .pytest_cache
+	rm -rf runs data .pytest_cache mutants

@@ -31,7 +31,6 @@ EQUIVALENT = Path(__file__).with_name("mutation_equivalent.toml")
 CORE = {
     "processor": "mmalign/data/processor.py",
     "dataset": "mmalign/data/dataset.py",
-    "tokenizer": "mmalign/data/tokenizer.py",
     "multimodal": "mmalign/models/multimodal.py",
     "trainer": "mmalign/train/trainer.py",
     "loop": "mmalign/train/loop.py",

@@ -174,12 +174,18 @@ def _run(name: str, raw_img: torch.Tensor, raw_txt: torch.Tensor, gather: bool) 
     return out
 
 
+def _local_losses(raw_img: torch.Tensor, raw_txt: torch.Tensor) -> torch.Tensor:
+    """CLIP and SigLIP with their default gather=False: this process's rows only, process group or not."""
+    return torch.stack([ClipLoss()(raw_img, raw_txt), SigLipLoss()(raw_img, raw_txt)]).detach()
+
+
 def _worker(rank: int, init_file: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
         raw_img, raw_txt = _global_inputs()
         rows = slice(rank * LOCAL_B, (rank + 1) * LOCAL_B)
         results = {name: _run(name, raw_img[rows], raw_txt[rows], gather=True) for name in ("clip", "siglip")}
+        results["local"] = _local_losses(raw_img[rows], raw_txt[rows])
         torch.save(results, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -199,6 +205,9 @@ def test_gather_two_processes_match_single_process(tmp_path):
 
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     raw_img, raw_txt = _global_inputs()
+    for r in range(WORLD):  # without gather, a rank's loss is that of its rows in one process
+        rows = slice(r * LOCAL_B, (r + 1) * LOCAL_B)
+        torch.testing.assert_close(ranks[r]["local"], _local_losses(raw_img[rows], raw_txt[rows]))
     for name in ("clip", "siglip"):
         ref = _run(name, raw_img, raw_txt, gather=False)
         per = [r[name] for r in ranks]

@@ -3,12 +3,14 @@ accumulation is exact, bad samples are counted or stop the run with a checkpoint
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import re
 
 import pytest
 import torch
+from rich.console import Console
 from safetensors.torch import load_file, save_file
 
 from helpers import stopped_at
@@ -279,11 +281,13 @@ def test_eval_every_and_save_every_fire_at_their_steps(base, shapes, tmp_path, m
     monkeypatch.setattr(Trainer, "save", spy)
     cfg = recipe(base, shapes, tmp_path, max_steps=6, batch_size=4, eval_every=2, save_every=4,
                  data={"val": shapes["val"]})  # fmt: skip
-    summary = train(cfg)
+    console = Console(file=io.StringIO(), width=200)
+    summary = train(cfg, console=console)
     rows = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "val_loss" in r] == [2, 4, 6]  # every 2 steps, and once at the end
     assert saves == [4, 6]  # every 4 steps, and once at the end
-    assert summary["val_loss"] == rows[-1]["val_loss"]
+    assert summary["val_loss"] == rows[-1]["val_loss"] and 0 < summary["val_loss"] < 20
+    assert "6 steps" in console.file.getvalue()  # the run prints to the console it is given
 
 
 @pytest.mark.parametrize(

@@ -96,3 +96,25 @@ def test_contrastive_settings_take_checked_overrides(tmp_path):
     assert cfg.grad_accum == 2 and cfg.precision == "bf16" and cfg.max_steps == 10
     with pytest.raises(ConfigError, match="train.precision"):
         lit_settings(tmp_path, 10, 8, 1e-3, 0, False, ["train.precision=fp8"])
+
+
+def test_objective_weights_from_another_save_are_refused(tmp_path):
+    import shutil
+
+    Trainer(TwoLosses(), settings(tmp_path / "a", max_steps=2)).fit()
+    Trainer(TwoLosses(), settings(tmp_path / "b", max_steps=3)).fit()
+    shutil.copy(tmp_path / "a" / OBJECTIVE_WEIGHTS, tmp_path / "b" / OBJECTIVE_WEIGHTS)
+    with pytest.raises(RuntimeError, match="weights are from step 2 but trainer_state.pt from step 3"):
+        Trainer(TwoLosses(), settings(tmp_path / "b", max_steps=3), resume=True)
+
+
+def test_all_reduce_sum_adds_named_numbers_over_ranks(tmp_path):
+    import torch.distributed as dist
+
+    from mmalign.train.trainer import all_reduce_sum
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        assert all_reduce_sum({"b": 2, "a": 1.5}) == {"a": 1.5, "b": 2.0}
+    finally:
+        dist.destroy_process_group()
