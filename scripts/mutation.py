@@ -1,8 +1,9 @@
 """Mutation testing of the core modules, on demand (not in CI): how many small planted bugs the tests catch.
 
-    python scripts/mutation.py                      # every core module (about an hour on 2 cores)
+    python scripts/mutation.py                      # every mutant of every core module (hours on 2 cores)
     python scripts/mutation.py optim generate       # some modules, by short name
     python scripts/mutation.py --sample 40          # 40 mutants drawn per module (seeded): an estimate in ~40 min
+    python scripts/mutation.py --retry              # the last run's missed mutants again, after adding tests
     python scripts/mutation.py --report             # the table of the last run, without running
 
 mutmut (the `mutation` extra) writes a mutated copy of the package under `mutants/`, and for each mutant runs the
@@ -66,13 +67,10 @@ def draw(modules: list[str], n: int, seed: int) -> dict[str, list[str]]:
     return sample
 
 
-def run(modules: list[str], children: int, sample: dict[str, list[str]] | None) -> int:
+def run(names: list[str], children: int) -> int:
+    """mutmut over the mutants `names` (globs allowed; none: every mutant)."""
     # One thread per test process: the children share the cores, and oversubscribed torch crawls.
     env = os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    if sample is not None:
-        names = [name for m in modules for name in sample[m]]
-    else:
-        names = [f"{dotted(CORE[m])}.*" for m in modules] if modules != list(CORE) else []
     cmd = [sys.executable, "-m", "mutmut", "run", "--max-children", str(children), *names]
     print("+", " ".join(cmd[:6]), f"... ({len(names)} names)" if names else "", flush=True)
     return subprocess.call(cmd, cwd=ROOT, env=env)
@@ -154,6 +152,7 @@ def main() -> None:
     parser.add_argument("--max-children", type=int, default=os.cpu_count() or 1, help="test processes at once")
     parser.add_argument("--sample", type=int, metavar="N", help="run N mutants per module, drawn at random")
     parser.add_argument("--seed", type=int, default=0, help="of the --sample draw")
+    parser.add_argument("--retry", action="store_true", help="rerun the last run's missed mutants (after new tests)")
     parser.add_argument("--no-diffs", action="store_true", help="list surviving mutants without their diffs")
     args = parser.parse_args()
     try:
@@ -164,12 +163,18 @@ def main() -> None:
     sample = None
     if args.sample:
         sample = draw(modules, args.sample, args.seed)
-    elif args.report and SAMPLE.is_file():
+    elif (args.report or args.retry) and SAMPLE.is_file():
         sample = json.loads(SAMPLE.read_text())
-    if not args.report:
+    if args.retry:  # the last run's missed mutants again, against the tests as they are now
+        pool = {m: sample[m] if sample else list(results(CORE[m])) for m in modules}
+        names = [n for m in modules for n in pool[m] if results(CORE[m]).get(n) not in KILLED]
+        if names:
+            run(names, args.max_children)
+    elif not args.report:
         if not args.sample:
             SAMPLE.unlink(missing_ok=True)
-        run(modules, args.max_children, sample)
+        names = [n for m in modules for n in sample[m]] if sample else [f"{dotted(CORE[m])}.*" for m in modules]
+        run(names if sample or modules != list(CORE) else [], args.max_children)
     report(modules, show_diffs=not args.no_diffs, sample=sample)
 
 
