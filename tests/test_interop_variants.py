@@ -133,5 +133,5 @@ def test_export_refuses_models_llava_cannot_hold(shapes, tmp_path):
 
     cfg = flamingo_config(shapes["tokenizer"])
     model, tok = build_model(cfg)
-    with pytest.raises(ValueError, match=r"projector-family model reading images only; this one is flamingo reading"):
+    with pytest.raises(ValueError, match=r"reading images only; this one is flamingo reading \['image'\]"):
         export_hf_llava(model, tok, cfg, tmp_path / "hf")

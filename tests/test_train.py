@@ -313,6 +313,8 @@ def test_a_checkpoint_lacking_required_weights_is_refused(base, shapes, tmp_path
               tmp_path / "run/model.safetensors")  # fmt: skip
     with pytest.raises(KeyError, match=r"1 required weights are missing, e.g. \['connectors.image.layers.0.weight'\]"):
         load_checkpoint(tmp_path / "run")
+    with pytest.raises(FileNotFoundError, match="is not an mmalign checkpoint \\(no model_config.yaml\\)"):
+        load_checkpoint(tmp_path)
     save_file(weights | {"connectors.image.extra": torch.zeros(2)}, tmp_path / "run/model.safetensors")
     with pytest.raises(KeyError, match=r"1 weights do not fit this model, e.g. \['connectors.image.extra'\]"):
         load_checkpoint(tmp_path / "run")

@@ -118,3 +118,30 @@ def test_all_reduce_sum_adds_named_numbers_over_ranks(tmp_path):
         assert all_reduce_sum({"b": 2, "a": 1.5}) == {"a": 1.5, "b": 2.0}
     finally:
         dist.destroy_process_group()
+
+
+def test_truncate_log_drops_rows_after_the_saved_step(tmp_path):
+    from mmalign.train.trainer import truncate_log
+
+    log = tmp_path / "metrics.jsonl"
+    log.write_text("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 6)))
+    truncate_log(log, 3)
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2, 3]
+    truncate_log(log, 9)
+    assert len(log.read_text().splitlines()) == 3
+
+
+def test_gradients_are_clipped_to_clip_grad(tmp_path):
+    trainer = Trainer(TwoLosses(), settings(tmp_path, max_steps=1, clip_grad=0.01))
+    norms = []
+    trainer.optimizer.step = lambda: norms.append(float(torch.cat([p.grad.flatten() for p in trainer.params]).norm()))
+    trainer.scheduler.step = lambda: None
+    trainer._step(trainer.objective.batches(trainer.state, trainer.cfg, print))
+    assert norms == pytest.approx([0.01], rel=1e-4)
+
+
+def test_run_settings_keep_the_out_dir_and_apply_overrides(tmp_path):
+    from mmalign.train.trainer import run_settings
+
+    cfg = run_settings(tmp_path / "out", ["train.lr=0.5"], max_steps=3)
+    assert cfg.out_dir == str(tmp_path / "out") and cfg.lr == 0.5 and cfg.max_steps == 3
