@@ -26,28 +26,9 @@ def shapes(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_hf_llava(tmp_path_factory, shapes):
     """A tiny random transformers Llava (CLIP vision + Llama text) saved with its tokenizer."""
-    from transformers import AutoTokenizer, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    from helpers import write_llava
 
-    torch.manual_seed(0)
-    tok = AutoTokenizer.from_pretrained(shapes["tokenizer"])
-    vision = CLIPVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=32, patch_size=8
-    )
-    text = LlamaConfig(
-        hidden_size=48,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=len(tok),
-        pad_token_id=tok.pad_token_id,
-    )
-    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_index=tok.convert_tokens_to_ids("<image>"))
-    model = LlavaForConditionalGeneration(cfg).eval()
-    out = tmp_path_factory.mktemp("hf_llava")
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+    return write_llava(tmp_path_factory.mktemp("hf_llava"), shapes["tokenizer"])
 
 
 @pytest.fixture(scope="session")

@@ -5,46 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import (
-    AutoTokenizer,
-    CLIPVisionConfig,
-    LlamaConfig,
-    LlavaConfig,
-    LlavaForConditionalGeneration,
-    SiglipVisionConfig,
-)
+from transformers import LlavaConfig, LlavaForConditionalGeneration
 
+from helpers import write_llava
 from mmalign.interop.hf_llava import export_hf_llava, import_hf_llava
 from mmalign.train.checkpoint import load_checkpoint
-
-TOWER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=32)
-
-
-def write_llava(out, tokenizer_dir, tower="clip", **llava_kw):
-    """A tiny random Llava with `tower` (clip | siglip) and the given LlavaConfig settings, saved to `out`."""
-    torch.manual_seed(0)
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    vision = (CLIPVisionConfig if tower == "clip" else SiglipVisionConfig)(patch_size=8, **TOWER)
-    text = LlamaConfig(
-        hidden_size=48,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=len(tok),
-        pad_token_id=tok.pad_token_id,
-    )
-    cfg = LlavaConfig(
-        vision_config=vision, text_config=text, image_token_index=tok.convert_tokens_to_ids("<image>"), **llava_kw
-    )
-    model = LlavaForConditionalGeneration(cfg).eval()
-    with torch.no_grad():  # non-zero biases, so a dropped or misplaced bias changes the logits
-        for name, p in model.named_parameters():
-            if name.endswith("bias"):
-                p.normal_(0, 0.1)
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
 
 
 def inputs(model):
