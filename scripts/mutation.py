@@ -28,18 +28,10 @@ import tomllib
 
 ROOT = Path(__file__).resolve().parent.parent
 EQUIVALENT = Path(__file__).with_name("mutation_equivalent.toml")
-# short name -> module path under src/; keep in step with [tool.mutmut] only_mutate in pyproject.toml
+# short name (the file's) -> module path under src/, from the one list mutmut mutates: [tool.mutmut] only_mutate
 CORE = {
-    "processor": "mmalign/data/processor.py",
-    "dataset": "mmalign/data/dataset.py",
-    "multimodal": "mmalign/models/multimodal.py",
-    "trainer": "mmalign/train/trainer.py",
-    "loop": "mmalign/train/loop.py",
-    "checkpoint": "mmalign/train/checkpoint.py",
-    "optim": "mmalign/train/optim.py",
-    "losses": "mmalign/contrastive/losses.py",
-    "generate": "mmalign/generate.py",
-    "hf_llava": "mmalign/interop/hf_llava.py",
+    Path(path).stem: path.removeprefix("src/")
+    for path in tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["mutmut"]["only_mutate"]
 }
 KILLED = {"killed", "timeout", "segfault", "caught by type check"}
 SAMPLE = ROOT / "mutants" / "sample.json"  # the mutants a --sample run drew, for --report
@@ -166,8 +158,10 @@ def main() -> None:
     elif (args.report or args.retry) and SAMPLE.is_file():
         sample = json.loads(SAMPLE.read_text())
     if args.retry:  # the last run's missed mutants again, against the tests as they are now
-        pool = {m: sample[m] if sample else list(results(CORE[m])) for m in modules}
-        names = [n for m in modules for n in pool[m] if results(CORE[m]).get(n) not in KILLED]
+        names = []
+        for m in modules:
+            status = results(CORE[m])
+            names += [n for n in (sample[m] if sample else status) if status.get(n) not in KILLED]
         if names:
             run(names, args.max_children)
     elif not args.report:
