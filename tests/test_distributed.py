@@ -92,3 +92,46 @@ def test_an_fsdp_run_killed_after_its_second_save_resumes_with_the_same_losses(b
     assert losses(runs["killed"]) == losses(runs["straight"])
     a, b = load_file(runs["straight"] / "model.safetensors"), load_file(runs["killed"] / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("weighting", ["uncertainty", "pcgrad"])
+def test_classifier_under_ddp_equals_one_process_with_the_global_batch(tmp_path, weighting):
+    from mmalign.config import resolve_recipe
+    from mmalign.fusion.config import load_classifier_recipe
+    from mmalign.fusion.data import write_fusion_dataset
+
+    data = write_fusion_dataset(tmp_path / "data", n_train=48, n_test=8, seed=0, progress=False)
+    small = ["model.encoders.image.config.hidden_size=16", "model.encoders.image.config.intermediate_size=32",
+             "model.encoders.audio.config.dim=16", "model.fusion.dim=16", "model.tasks={}",
+             "model.modality_dropout=0.3", f"multitask.weighting={weighting}", f"data.train={data['train']}",
+             "data.val=null", "train.progress=false", "train.max_steps=3", "train.log_every=1",
+             "train.grad_accum=2"]  # fmt: skip
+    # 1 process x 4 samples vs 2 processes x 2 samples: the same global micro-batches, dropout included.
+    for name, batch in (("one", 4), ("two", 2)):
+        run = [f"train.batch_size={batch}", f"train.out_dir={tmp_path / name}"]
+        cfg = load_classifier_recipe(resolve_recipe("classify_av"), [*small, *run])
+        save_yaml(cfg, tmp_path / f"{name}.yaml")
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    cli = ["-m", "mmalign.cli", "classify", "train"]
+    subprocess.run([sys.executable, *cli, str(tmp_path / "one.yaml")], check=True, env=env, capture_output=True)
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}"]
+    done = subprocess.run([*launch, *cli, str(tmp_path / "two.yaml")], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("run folder:") == 1  # rank 0 reports
+
+    a, b = load_file(tmp_path / "one/objective.safetensors"), load_file(tmp_path / "two/objective.safetensors")
+    assert a.keys() == b.keys()
+    rows = [[json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+            for name in ("one", "two")]  # fmt: skip
+    logged = [[{k: v for k, v in r.items() if k.startswith(("colour", "pitch", "mix", "weight_"))} for r in run]
+              for run in rows]  # fmt: skip
+    assert len([r for r in logged[1] if r]) == 3
+    if weighting == "pcgrad":  # projects each rank's own gradients, so it matches one process only in kind
+        assert b["weighting.calls"].item() == 3 * 2  # every micro-batch of every step went through it
+        assert all("pcgrad_conflicts" in r for r in rows[1] if "colour" in r)
+        return
+    for k in a:  # Adam's first steps amplify float noise in near-zero gradients; a step moves weights by ~lr=2e-3
+        torch.testing.assert_close(b[k], a[k], atol=5e-5, rtol=1e-4, msg=k)
+    for x, y in zip(*logged, strict=True):
+        assert x.keys() == y.keys()
+        torch.testing.assert_close(torch.tensor(list(y.values())), torch.tensor(list(x.values())))

@@ -16,8 +16,10 @@ from mmalign.multitask.weighting import (
     WEIGHTINGS,
     FixedWeighting,
     GradNormWeighting,
+    PCGradWeighting,
     UncertaintyWeighting,
     build_weighting,
+    project_conflicting,
 )
 
 SIZES = {"a": 600, "b": 300, "c": 100}
@@ -215,8 +217,70 @@ def test_fixed_weighting_sums_weighted_losses_and_skips_absent_tasks():
 
 
 def test_build_weighting_by_name_and_unknown_names_list_the_registry():
-    assert set(WEIGHTINGS.names()) >= {"fixed", "uncertainty", "gradnorm"}
+    assert set(WEIGHTINGS.names()) >= {"fixed", "uncertainty", "gradnorm", "pcgrad"}
     assert isinstance(build_weighting("gradnorm", ["a", "b"], alpha=0.5), GradNormWeighting)
     assert build_weighting("fixed", ["b", "a"], weights={"a": 3.0}).weights() == {"a": 3.0, "b": 1.0}
-    with pytest.raises(ValueError, match="fixed, gradnorm, uncertainty"):
+    with pytest.raises(ValueError, match="fixed, gradnorm, pcgrad, uncertainty"):
         build_weighting("nope", ["a"])
+
+
+def _two_heads(h1, h2, weights=None):
+    """shared = u (1, 3) read by two linear heads: ∂L_a/∂shared = w_a·h1 and ∂L_b/∂shared = w_b·h2."""
+    u = nn.Parameter(torch.tensor([0.3, -0.2, 0.5]))
+    heads = [nn.Parameter(torch.tensor(h, dtype=torch.float32)) for h in (h1, h2)]
+    shared = u.unsqueeze(0) * 1.0
+    losses = {"a": (heads[0] * shared).sum(), "b": (heads[1] * shared).sum()}
+    return u, heads, PCGradWeighting(["a", "b"], weights=weights)(losses, shared)
+
+
+def test_pcgrad_projects_conflicting_gradients_upstream_of_shared_only():
+    u, (h1, h2), total = _two_heads([1.0, 1.0, 0.0], [-1.0, 0.0, 1.0])
+    # The value is the plain sum; only the gradient upstream of `shared` changes.
+    assert total.item() == pytest.approx(float(u.detach() @ torch.tensor([0.0, 1.0, 1.0])))
+    (8.0 * total).backward()  # a GradScaler-like factor passes straight through
+    # g_a·g_b = -1 < 0: g_a - (-1/2) g_b = [.5, 1, .5]; g_b - (-1/2) g_a = [-.5, .5, 1]; the plain sum is [0, 1, 1].
+    torch.testing.assert_close(u.grad, 8.0 * torch.tensor([0.0, 1.5, 1.5]))
+    torch.testing.assert_close(h1.grad, 8.0 * u.detach())  # the heads keep their own task's gradient
+    torch.testing.assert_close(h2.grad, 8.0 * u.detach())
+
+
+def test_pcgrad_leaves_agreeing_tasks_alone_and_scales_by_the_fixed_weights():
+    u, _, total = _two_heads([1.0, 1.0, 0.0], [1.0, 0.0, 1.0])
+    total.backward()
+    torch.testing.assert_close(u.grad, torch.tensor([2.0, 1.0, 1.0]))
+    # Weight 2 on a: g_a = [2, 2, 0] and g_b = [-1, 0, 1] conflict (dot -2): g_a + [-1, 0, 1], g_b + 0.25 g_a.
+    u, _, total = _two_heads([1.0, 1.0, 0.0], [-1.0, 0.0, 1.0], weights={"a": 2.0})
+    total.backward()
+    torch.testing.assert_close(u.grad, torch.tensor([1.0, 2.0, 1.0]) + torch.tensor([-0.5, 0.5, 1.0]))
+
+
+def test_pcgrad_projection_removes_every_conflict_with_the_originals():
+    generator = torch.Generator().manual_seed(0)
+    grads = torch.randn(4, 50, generator=generator)
+    projected, conflicts = project_conflicting(grads, torch.Generator().manual_seed(1))
+    assert conflicts > 0
+    changed = (projected - grads).abs().sum(1) > 1e-6
+    assert changed.any()
+    # Two tasks: one projection each way and the results are orthogonal to the other's original gradient.
+    a, b = torch.tensor([1.0, 0.0]), torch.tensor([-1.0, 1.0])
+    projected, conflicts = project_conflicting(torch.stack([a, b]), generator)
+    assert conflicts == 2
+    assert float(projected[0] @ b) == pytest.approx(0.0, abs=1e-6)
+    assert float(projected[1] @ a) == pytest.approx(0.0, abs=1e-6)
+    torch.testing.assert_close(projected, torch.tensor([[0.5, 0.5], [0.0, 1.0]]))
+    same, none = project_conflicting(torch.stack([a, a]), generator)
+    assert none == 0 and torch.equal(same, torch.stack([a, a]))
+
+
+def test_pcgrad_needs_shared_and_logs_its_conflicts():
+    weighting = PCGradWeighting(["a", "b"])
+    with pytest.raises(ValueError, match="needs `shared`"):
+        weighting({"a": torch.tensor(1.0)})
+    shared = torch.ones(2, 3, requires_grad=True)
+    with pytest.raises(ValueError, match="'b' does not depend"):
+        weighting({"a": (shared * 2).sum(), "b": torch.tensor(1.0, requires_grad=True)}, shared)
+    weighting({"a": (shared * torch.tensor([1.0, 0.0, 0.0])).sum(), "b": -(shared.sum())}, shared)
+    assert weighting.figures() == {"pcgrad_conflicts": 1.0}
+    weighting({"a": shared.sum(), "b": shared.sum()}, shared)
+    assert weighting.figures() == {"pcgrad_conflicts": 0.0}
+    assert weighting.weights() == {"a": 1.0, "b": 1.0}

@@ -41,13 +41,17 @@ def train(
     model.trunk_depth, model.tasks.<task>.{level,weight,max_samples}, model.sharing (hard | soft),
     model.soft_penalty, model.modality_dropout, multitask.{weighting,sampling,temperature,gradnorm_alpha},
     data.{train,val,folder,on_error,max_skip_fraction} and every train.* key of `mmalign train --help`.
-    Prints held-out accuracy per task, with all modalities and with each one hidden."""
+    Prints held-out accuracy per task, with all modalities and with each one hidden. Under `torchrun
+    --nproc_per_node N` each process takes train.batch_size samples of every global batch (DDP)."""
     from mmalign.config import resolve_recipe
+    from mmalign.contrastive.distributed import rank_and_world
     from mmalign.fusion.config import load_classifier_recipe
     from mmalign.fusion.train import accuracy_by_inputs, held_out, train_classifier
 
     cfg = load_classifier_recipe(resolve_recipe(recipe), ctx.args)
     summary = train_classifier(cfg, resume=resume, console=console)
+    if rank_and_world()[0] > 0:  # under torchrun, rank 0 reports
+        return
     objective = summary["objective"]
     if objective.val_data is not None:
         figures = accuracy_by_inputs(objective.model, objective.val_data, held_out(summary))

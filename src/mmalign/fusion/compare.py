@@ -102,8 +102,12 @@ MULTITASK_SETUPS = {
     "hard": {},
     "hard + uncertainty": {"multitask.weighting": "uncertainty"},
     "hard + gradnorm": {"multitask.weighting": "gradnorm"},
+    "hard + pcgrad": {"multitask.weighting": "pcgrad"},
     "hierarchical": {"levels": {"colour": 0, "pitch": 0}},
-    "soft": {"model.sharing": "soft"},
+    "soft": {"model.sharing": "soft"},  # the default penalty, 1e-3
+    "soft @ 0.01": {"model.sharing": "soft", "model.soft_penalty": 0.01},
+    "soft @ 0.1": {"model.sharing": "soft", "model.soft_penalty": 0.1},
+    "soft @ 1": {"model.sharing": "soft", "model.soft_penalty": 1.0},
 }
 
 
@@ -140,7 +144,7 @@ def compare_multitask(data_dir: str | Path = "data/fusion", out: str | Path = "r
         for task, level in spec.pop("levels", {}).items():
             cfg.model.tasks[task].level = level
         apply_overrides(cfg, [f"{k}={v}" for k, v in spec.items()])
-        cfg.train.out_dir = str(out / setup.replace(" + ", "-"))
+        cfg.train.out_dir = str(out / setup.replace(" + ", "-").replace(" @ ", "-"))
         rows[setup] = run_one(cfg, console)
     result = {"tasks": tasks, "mix_samples": mix_samples, "steps": steps, "rows": rows}
     return finish(result, out, multitask_table, console)

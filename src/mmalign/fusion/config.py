@@ -38,8 +38,10 @@ class ClassifierModelConfig:
 
 @dataclass
 class MultiTaskConfig:
-    weighting: Literal["fixed", "uncertainty", "gradnorm"] = _f(
-        "fixed", "fixed (tasks.<t>.weight) | uncertainty (Kendall et al. 2018) | gradnorm (Chen et al. 2018)"
+    weighting: Literal["fixed", "uncertainty", "gradnorm", "pcgrad"] = _f(
+        "fixed",
+        "fixed (tasks.<t>.weight) | uncertainty (Kendall et al. 2018) | gradnorm (Chen et al. 2018) | "
+        "pcgrad (Yu et al. 2020, projection of conflicting gradients, with the tasks.<t>.weight weights)",
     )
     sampling: Literal["all", "proportional", "temperature", "round_robin", "uniform"] = _f(
         "all", "all (every batch from all samples, every labelled task) | a strategy drawing one task per batch"
@@ -68,8 +70,10 @@ class ClassifierRecipe:
 def check_classifier(cfg: ClassifierRecipe) -> None:
     if not cfg.model.encoders:
         raise ConfigError("model.encoders is empty: give at least one modality's encoder")
-    if cfg.multitask.weighting == "gradnorm" and cfg.model.sharing != "hard":
-        raise ConfigError("multitask.weighting=gradnorm needs a shared representation: set model.sharing=hard")
+    if cfg.multitask.weighting in ("gradnorm", "pcgrad") and cfg.model.sharing != "hard":
+        raise ConfigError(
+            f"multitask.weighting={cfg.multitask.weighting} needs a shared representation: set model.sharing=hard"
+        )
     if not cfg.data.train:
         raise ConfigError("data.train is empty: give a JSONL/JSON file of labelled records")
 

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from rich.console import Console
 
 from mmalign.config import save_yaml
+from mmalign.contrastive.distributed import rank_and_world
 from mmalign.data.processor import SampleError
 from mmalign.fusion.classifier import MultimodalClassifier, modality_dropout
 from mmalign.fusion.config import ClassifierRecipe, check_classifier, load_classifier_recipe
@@ -34,6 +35,7 @@ def task_classes(cfg: ClassifierRecipe) -> dict[str, list[str]]:
 
 class ClassifierObjective(Objective):
     name = "classify"
+    shards_data = True  # each rank takes its slice of one global batch; the Trainer wraps us in DDP
 
     def __init__(self, cfg: ClassifierRecipe, console: Console | None = None):
         super().__init__()
@@ -65,7 +67,7 @@ class ClassifierObjective(Objective):
 
     def _weighting_settings(self) -> dict:
         mt = self.cfg.multitask
-        if mt.weighting == "fixed":
+        if mt.weighting in ("fixed", "pcgrad"):
             return {"weights": {t: self.cfg.model.tasks[t].weight for t in self.tasks if t in self.cfg.model.tasks}}
         if mt.weighting == "gradnorm":
             return {"alpha": mt.gradnorm_alpha}
@@ -110,6 +112,8 @@ class ClassifierObjective(Objective):
 
     def batches(self, state: dict, cfg, log):
         self._accum = cfg.grad_accum
+        rank, world = rank_and_world()
+        mine = slice(rank * cfg.batch_size, (rank + 1) * cfg.batch_size)
         while True:
             generator = batch_generator(cfg.seed, state["cursor"])
             if self.sampler is None:
@@ -118,8 +122,12 @@ class ClassifierObjective(Objective):
                 task = self.sampler.task_for(state["cursor"], generator)
                 tasks, pool = [task], self.pools[task]
             state["cursor"] += 1
-            batch = self.train_data.rows(pool[torch.randint(len(pool), (cfg.batch_size,), generator=generator)])
-            batch["present"] = modality_dropout(batch["present"], self.cfg.model.modality_dropout, generator)
+            # Every rank draws the same global batch (and the same dropout of it) and keeps its own slice.
+            rows = pool[torch.randint(len(pool), (cfg.batch_size * world,), generator=generator)]
+            present = {m: p[rows] for m, p in self.train_data.present.items()}
+            present = modality_dropout(present, self.cfg.model.modality_dropout, generator)
+            batch = self.train_data.rows(rows[mine])
+            batch["present"] = {m: p[mine] for m, p in present.items()}
             batch["labels"] = {t: batch["labels"][t] for t in tasks}
             yield batch
 
@@ -134,12 +142,18 @@ class ClassifierObjective(Objective):
         }
         return sums, out["shared"]
 
-    def backward(self, batch: dict, window: dict[str, int], autocast) -> dict[str, float]:
-        with autocast:
-            sums, shared = self.losses(batch)
+    def forward(self, batch: dict, window: dict[str, int]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The weighted total to backpropagate, and the per-task loss sums. The weighting runs here, inside the
+        (DDP-wrapped) forward, so DDP sees its parameters in the graph."""
+        sums, shared = self.losses(batch)
         total = self.weighting({t: s / window[t] for t, s in sums.items()}, shared)
         if self.cfg.model.sharing == "soft":  # once per optimizer step, however many micro-batches
             total = total + self.cfg.model.soft_penalty * self.model.penalty() / self._accum
+        return total, sums
+
+    def backward(self, batch: dict, window: dict[str, int], autocast) -> dict[str, float]:
+        with autocast:
+            total, sums = (self.forward_fn or self)(batch, window)
         total.backward()
         return {t: s.item() for t, s in sums.items()}
 
@@ -147,7 +161,7 @@ class ClassifierObjective(Objective):
         self.weighting.after_step()
 
     def figures(self) -> dict[str, float]:
-        row = {f"weight_{t}": w for t, w in self.weighting.weights().items()}
+        row = {f"weight_{t}": w for t, w in self.weighting.weights().items()} | self.weighting.figures()
         if self.cfg.model.sharing == "soft":
             with torch.no_grad():
                 row["soft_penalty"] = float(self.model.penalty())

@@ -28,8 +28,8 @@ def build_weighting(name: str, tasks: list[str], **settings) -> LossWeighting:
 
 
 class LossWeighting(nn.Module):
-    """Base class: `forward(losses, shared)` -> the scalar to backpropagate; `weights()` for logging;
-    `after_step()` after each optimizer step."""
+    """Base class: `forward(losses, shared)` -> the scalar to backpropagate; `weights()` and `figures()` for
+    logging; `after_step()` after each optimizer step."""
 
     def __init__(self, tasks: list[str]):
         super().__init__()
@@ -48,6 +48,10 @@ class LossWeighting(nn.Module):
 
     def after_step(self) -> None:
         """Called after each optimizer step; weightings with constraints on their parameters enforce them here."""
+
+    def figures(self) -> dict[str, float]:
+        """Extra figures to log beside the weights."""
+        return {}
 
     def _present(self, losses: dict[str, torch.Tensor]) -> list[int]:
         """Indices into `self.tasks` of the tasks this batch carries, after checking the losses."""
@@ -185,3 +189,76 @@ class GradNormWeighting(LossWeighting):
         # the floor keeps a weight from reaching zero or going negative before that.
         self.task_weights.clamp_(min=self.min_weight)
         self.task_weights.mul_(len(self.tasks) / self.task_weights.sum())
+
+
+@register_weighting("pcgrad")
+class PCGradWeighting(LossWeighting):
+    """PCGrad gradient surgery (Yu et al. 2020), applied to the gradient at the shared representation.
+
+    Per present task, g_i = ∂(w_i L_i)/∂shared. Where two tasks conflict (g_i·g_j < 0), g_i loses its component
+    along g_j: g_i ← g_i − (g_i·g_j / ‖g_j‖²) g_j, over the other tasks in a random order (Alg. 1). Everything
+    upstream of `shared` (encoders, fusion) then receives Σ projected g_i instead of Σ g_i; the heads and any
+    layers between `shared` and them keep their own task's gradient, as in the paper, where only shared
+    parameters are projected.
+
+    Measuring at `shared` (B, D) rather than at every shared parameter costs one small `autograd.grad` per task
+    and no backward of our own: the returned total is Σ w_i L_i + ⟨shared, c⟩ − ⟨shared.detach(), c⟩ with
+    c = (Σ projected g_i − Σ g_i) detached. Its value is the plain weighted sum, and its gradient at `shared` is
+    the projected sum, so GradScaler, accumulation and DDP treat it like any loss. Under DDP the projection uses
+    each rank's own micro-batch; the ranks' results are then averaged as usual.
+    """
+
+    def __init__(self, tasks: list[str], weights: dict[str, float] | None = None, seed: int = 0):
+        super().__init__(tasks)
+        self._weights = FixedWeighting(tasks, weights).weights()
+        self.seed = int(seed)
+        # Calls so far: seeds the projection order, saved so a resumed run continues the same sequence.
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+        self.conflicts = 0.0  # share of task pairs that conflicted in the last batch, for logging
+
+    def forward(self, losses: dict[str, torch.Tensor], shared: torch.Tensor | None = None) -> torch.Tensor:
+        if shared is None:
+            raise ValueError("PCGrad needs `shared`, the representation every task head reads")
+        present = self._present(losses)
+        weighted = [self._weights[self.tasks[i]] * losses[self.tasks[i]] for i in present]
+        total = sum(weighted)
+        if len(present) < 2:
+            return total
+        grads = []
+        for i, loss in zip(present, weighted, strict=True):
+            (grad,) = torch.autograd.grad(loss, shared, retain_graph=True, allow_unused=True)
+            if grad is None:
+                raise ValueError(f"loss of task {self.tasks[i]!r} does not depend on `shared`")
+            grads.append(grad.detach().flatten().float())  # float32: dot products of bf16 gradients lose too much
+        projected, conflicts = project_conflicting(torch.stack(grads), self._generator())
+        self.calls += 1
+        pairs = len(grads) * (len(grads) - 1)
+        self.conflicts = conflicts / pairs
+        change = (projected.sum(0) - torch.stack(grads).sum(0)).view_as(shared).to(shared.dtype)
+        # Zero in value, `change` in gradient at `shared`.
+        return total + (shared * change).sum() - (shared.detach() * change).sum()
+
+    def _generator(self) -> torch.Generator:
+        return torch.Generator().manual_seed(self.seed * 1_000_003 + int(self.calls))
+
+    def weights(self) -> dict[str, float]:
+        return dict(self._weights)
+
+    def figures(self) -> dict[str, float]:
+        return {"pcgrad_conflicts": self.conflicts}
+
+
+def project_conflicting(grads: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, int]:
+    """PCGrad's projection (Yu et al. 2020, Alg. 1) of task gradients `grads` (tasks, n): each row loses its
+    component along every other task's original gradient it conflicts with, visited in a random order. Returns
+    the projected rows and how many (i, j) projections happened."""
+    projected = grads.clone()
+    conflicts = 0
+    for i in range(len(grads)):
+        others = [j for j in torch.randperm(len(grads), generator=generator).tolist() if j != i]
+        for j in others:
+            dot = projected[i] @ grads[j]
+            if dot < 0:
+                projected[i] -= dot / grads[j].square().sum().clamp_min(1e-20) * grads[j]
+                conflicts += 1
+    return projected, conflicts

@@ -267,7 +267,7 @@ class Trainer:
                 objective, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=True,  # a batch without some modality leaves its connector unused
             )  # fmt: skip
-            objective.forward_fn = lambda batch: self.ddp(batch)  # a lambda: not registered as a submodule
+            objective.forward_fn = lambda *args: self.ddp(*args)  # a lambda: not registered as a submodule
         per_epoch = objective.steps_per_epoch(cfg.batch_size)
         if not cfg.max_steps and per_epoch is None:
             raise ValueError(f"{objective.name} samples with replacement: set train.max_steps")
