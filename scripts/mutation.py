@@ -5,17 +5,24 @@
     python scripts/mutation.py --sample 40          # 40 mutants drawn per module (seeded): an estimate in ~40 min
     python scripts/mutation.py --retry              # the last run's missed mutants again, after adding tests
     python scripts/mutation.py --report             # the table of the last run, without running
+    python scripts/mutation.py trainer --outside    # the survivors against the tests that start processes
 
 mutmut (the `mutation` extra) writes a mutated copy of the package under `mutants/`, and for each mutant runs the
 tests that reach the mutated function (from the `[tool.mutmut]` test selection in pyproject.toml). This script runs
 it, then prints per module the mutants killed and survived and the score (killed / all), and every survivor with its
 diff, except those listed in scripts/mutation_equivalent.toml as equivalent (a change no test could see), which are
 counted and shown with their reason.
+
+mutmut runs each mutant in-process, so tests that start processes (torchrun, a killed run) are left out of its
+selection, and mutants only they can see (DDP, FSDP, resuming after SIGKILL) survive there. `--outside` writes each
+remaining survivor into the source file in turn, runs those tests, and puts the file back byte for byte; a
+mutant they catch counts as killed ("killed outside").
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import math
 import os
@@ -33,7 +40,10 @@ CORE = {
     Path(path).stem: path.removeprefix("src/")
     for path in tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["mutmut"]["only_mutate"]
 }
-KILLED = {"killed", "timeout", "segfault", "caught by type check"}
+KILLED = {"killed", "timeout", "segfault", "caught by type check", "killed outside"}
+# The tests the [tool.mutmut] selection leaves out because they start processes; `--outside` runs them.
+OUTSIDE_TESTS = ["tests/test_distributed.py", "tests/test_kill_resume.py"]
+OUTSIDE = ROOT / "mutants" / "outside.json"  # {mutant name: "killed outside" | "survived outside"}
 SAMPLE = ROOT / "mutants" / "sample.json"  # the mutants a --sample run drew, for --report
 # mutmut's own first steps of a run: copy the package to mutants/ and write each module's mutants (no tests run)
 GENERATE = (
@@ -85,7 +95,61 @@ def results(path: str) -> dict[str, str]:
     if not meta.is_file():
         return {}
     codes = json.loads(meta.read_text())["exit_code_by_key"]
-    return {name: status_by_exit_code[code] for name, code in codes.items()}
+    outside = json.loads(OUTSIDE.read_text()) if OUTSIDE.is_file() else {}
+    return {name: outside.get(name) or status_by_exit_code[code] for name, code in codes.items()}
+
+
+def _function(tree: ast.Module, name: str) -> ast.FunctionDef:
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef) and node.name == name:
+            return node
+    raise LookupError(name)
+
+
+def with_mutant(name: str) -> tuple[Path, str]:
+    """(source file, its text with mutant `name` in place of the original function). mutmut keeps each mutant
+    as a whole function in mutants/: `x_f__mutmut_3` for function f, `xǁCǁf__mutmut_3` for method C.f."""
+    module, key = name.split(".x", 1)
+    key = "x" + key
+    stem = key.rsplit("__mutmut_", 1)[0]
+    original = stem.split("ǁ")[-1] if stem.startswith("xǁ") else stem.removeprefix("x_")
+    source = ROOT / "src" / (module.replace(".", "/") + ".py")
+    mutated_file = (ROOT / "mutants" / "src" / source.relative_to(ROOT / "src")).read_text()
+    tree, text = ast.parse(mutated_file), source.read_text()
+    lines, mutated_lines = text.splitlines(keepends=True), mutated_file.splitlines(keepends=True)
+
+    def body(node: ast.FunctionDef, src: list[str], rename: str) -> list[str]:
+        block = src[node.lineno - 1 : node.end_lineno]
+        block[0] = block[0].replace(f"def {rename}(", f"def {original}(", 1)
+        return block
+
+    target = _function(ast.parse(text), original) if not stem.startswith("xǁ") else next(
+        f for c in ast.walk(ast.parse(text)) if isinstance(c, ast.ClassDef) and c.name == stem.split("ǁ")[1]
+        for f in c.body if isinstance(f, ast.FunctionDef) and f.name == original
+    )  # fmt: skip
+    unchanged = body(_function(tree, f"{stem}__mutmut_orig"), mutated_lines, f"{stem}__mutmut_orig")
+    if unchanged != lines[target.lineno - 1 : target.end_lineno]:
+        raise SystemExit(f"{source} changed since mutmut's run ({original} differs): run the mutants again first")
+    mutant = body(_function(tree, key), mutated_lines, key)
+    return source, "".join(lines[: target.lineno - 1] + mutant + lines[target.end_lineno :])
+
+
+def run_outside(names: list[str]) -> None:
+    """Each mutant in `names` against OUTSIDE_TESTS, written into its source file and put back after."""
+    outside = json.loads(OUTSIDE.read_text()) if OUTSIDE.is_file() else {}
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-o", "addopts=", "-p", "no:cacheprovider", *OUTSIDE_TESTS]
+    for i, name in enumerate(names, 1):
+        source, mutated = with_mutant(name)
+        original = source.read_bytes()
+        try:
+            source.write_text(mutated)
+            code = subprocess.call(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        finally:
+            source.write_bytes(original)
+        outside[name] = "killed outside" if code == 1 else "survived outside"
+        print(f"[{i}/{len(names)}] {name}: {outside[name]}", flush=True)
+        OUTSIDE.write_text(json.dumps(outside, indent=1))
 
 
 def diff(name: str) -> str:
@@ -145,6 +209,8 @@ def main() -> None:
     parser.add_argument("--sample", type=int, metavar="N", help="run N mutants per module, drawn at random")
     parser.add_argument("--seed", type=int, default=0, help="of the --sample draw")
     parser.add_argument("--retry", action="store_true", help="rerun the last run's missed mutants (after new tests)")
+    parser.add_argument("--outside", action="store_true",
+                        help="run the last run's survivors against the tests that start processes")  # fmt: skip
     parser.add_argument("--no-diffs", action="store_true", help="list surviving mutants without their diffs")
     args = parser.parse_args()
     try:
@@ -155,9 +221,16 @@ def main() -> None:
     sample = None
     if args.sample:
         sample = draw(modules, args.sample, args.seed)
-    elif (args.report or args.retry) and SAMPLE.is_file():
+    elif (args.report or args.retry or args.outside) and SAMPLE.is_file():
         sample = json.loads(SAMPLE.read_text())
-    if args.retry:  # the last run's missed mutants again, against the tests as they are now
+    if args.outside:
+        equivalent = tomllib.loads(EQUIVALENT.read_text()) if EQUIVALENT.is_file() else {}
+        names = []
+        for m in modules:
+            status = results(CORE[m])
+            names += [n for n in (sample[m] if sample else status) if status.get(n) not in KILLED]
+        run_outside([n for n in names if n not in equivalent])
+    elif args.retry:  # the last run's missed mutants again, against the tests as they are now
         names = []
         for m in modules:
             status = results(CORE[m])

@@ -145,3 +145,94 @@ def test_run_settings_keep_the_out_dir_and_apply_overrides(tmp_path):
 
     cfg = run_settings(tmp_path / "out", ["train.lr=0.5"], max_steps=3)
     assert cfg.out_dir == str(tmp_path / "out") and cfg.lr == 0.5 and cfg.max_steps == 3
+
+
+def _rows(run) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_log_rows_fall_on_log_every_and_the_last_step_and_gradients_are_released(tmp_path):
+    objective = TwoLosses()
+    Trainer(objective, settings(tmp_path, max_steps=5, log_every=2)).fit()
+    assert [r["step"] for r in _rows(tmp_path)] == [2, 4, 5]
+    assert all(p.grad is None for p in objective.parameters())  # set to None after each step, not zeroed
+
+
+def test_saved_weights_carry_the_safetensors_format_and_step(tmp_path):
+    from safetensors import safe_open
+
+    Trainer(TwoLosses(), settings(tmp_path, max_steps=2)).fit()
+    with safe_open(tmp_path / OBJECTIVE_WEIGHTS, "pt") as fh:
+        assert fh.metadata() == {"format": "pt", "step": "2"}  # transformers refuses files without format=pt
+    if not torch.cuda.is_available():
+        assert torch.load(tmp_path / "trainer_state.pt", weights_only=True)["cuda_rng"] is None
+
+
+def test_resume_finishes_a_complete_staged_save_and_drops_rows_past_it(tmp_path):
+    import shutil
+
+    from mmalign.train.trainer import COMPLETE, STAGING, TRAINER_STATE
+
+    run, later = tmp_path / "run", tmp_path / "later"
+    Trainer(TwoLosses(), settings(run, max_steps=2)).fit()
+    Trainer(TwoLosses(), settings(later, max_steps=3)).fit()
+    # A run killed after its step-3 save was complete but before it was moved into place, and after it logged a
+    # step no save holds.
+    staging = run / STAGING
+    staging.mkdir()
+    for name in (OBJECTIVE_WEIGHTS, TRAINER_STATE):
+        shutil.copy(later / name, staging / name)
+    (staging / COMPLETE).write_text("3")
+    with open(run / "metrics.jsonl", "a") as fh:
+        fh.write(json.dumps(_rows(later)[2]) + "\n" + json.dumps({"step": 4, "loss": -1.0}) + "\n")
+    trainer = Trainer(TwoLosses(), settings(run, max_steps=4), resume=True)
+    assert trainer.state["step"] == 3 and not staging.exists()
+    assert [r["step"] for r in _rows(run)] == [1, 2, 3]  # the unsaved step-4 row is gone
+    trainer.fit()
+    rows = _rows(run)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and rows[-1]["loss"] > 0
+
+
+def test_resuming_a_run_killed_before_its_summary_reports_no_loss(tmp_path):
+    Trainer(TwoLosses(), settings(tmp_path, max_steps=2)).fit()
+    (tmp_path / "summary.json").unlink()  # killed between the last save and the summary
+    summary = Trainer(TwoLosses(), settings(tmp_path, max_steps=2), resume=True).fit()
+    assert summary["steps"] == 2 and summary["losses"] == {} and summary["loss"] != summary["loss"]  # NaN
+    assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 2
+
+
+def test_progress_bar_counts_steps_and_shows_the_losses(tmp_path):
+    from rich.console import Console
+
+    console = Console(record=True, width=160, force_terminal=True)
+    Trainer(TwoLosses(), settings(tmp_path, max_steps=3, progress=True), console=console).fit()
+    import re
+
+    # the objective's name, the bar, steps done of all, then each named loss and the learning rate
+    assert re.search(r"two .* 3/3 fit [\d.]+ small [\d.]+ lr [\d.]+e[-+]\d\d", console.export_text())
+
+
+def test_auto_precision_takes_bf16_only_on_a_cuda_device_that_has_it(monkeypatch):
+    import contextlib
+
+    from mmalign.train.trainer import autocast_for
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert isinstance(autocast_for("bf16", cpu), torch.autocast)
+    for supported in (True, False):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda supported=supported: supported)
+        assert isinstance(autocast_for("auto", cpu), contextlib.nullcontext)
+        assert isinstance(autocast_for("fp32", cuda), contextlib.nullcontext)
+        with pytest.warns(UserWarning) if supported else contextlib.nullcontext():  # no CUDA here: it warns
+            chosen = autocast_for("auto", cuda)
+        assert isinstance(chosen, torch.autocast) == supported
+        if supported:
+            assert chosen.fast_dtype == torch.bfloat16
+
+
+def test_to_device_moves_every_tensor_of_nested_batches():
+    from mmalign.train.trainer import to_device
+
+    batch = {"x": torch.ones(2), "media": {"image": torch.zeros(1, 3)}, "ids": ["a", "b"]}
+    moved = to_device(batch, torch.device("meta"))
+    assert moved["x"].is_meta and moved["media"]["image"].is_meta and moved["ids"] == ["a", "b"]
