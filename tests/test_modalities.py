@@ -150,6 +150,63 @@ def test_fused_encoders_concatenate_features_per_token(shapes):
         torch.testing.assert_close(fused(x), expected)
 
 
+def _two_tower_config(tokenizer, fusion: dict, family: str = "projector") -> ModelConfig:
+    second = EncoderConfig(name="siglip", config=dict(TINY_VISION, hidden_size=24, image_size=48, patch_size=12))
+    image = MediaConfig(encoder=EncoderConfig(name="clip", config=dict(TINY_VISION)), extra_encoders=[second],
+                        connector=ConnectorConfig(name="mlp2x_gelu", fusion=fusion))  # fmt: skip
+    llm = LLMConfig(config=dict(TINY_LLAMA), tokenizer=tokenizer)
+    return ModelConfig(family=family, media={"image": image}, llm=llm)
+
+
+def test_connector_fuses_the_encoders_per_token_with_a_fusion_module(shapes, tmp_path):
+    from mmalign.fusion.modules import GatedFusion
+    from mmalign.train.checkpoint import save_checkpoint
+
+    cfg = _two_tower_config(shapes["tokenizer"], {"name": "gated", "dim": 16})
+    torch.manual_seed(0)
+    model, tok = build_model(cfg)
+    connector = model.connectors["image"]
+    assert isinstance(connector.fusion_module, GatedFusion) and connector.fusion_module.dims == {
+        "encoder00": 32, "encoder01": 24}  # fmt: skip
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        first, second = model.encoders["image"].encoders
+        a, b = first(x), model.encoders["image"](x)[..., 32:]  # (2, 16, 32), (2, 16, 24)
+        present = torch.ones(32, dtype=torch.bool)
+        # Token by token: token t of item i is row i * 16 + t of the fusion's batch.
+        fused = connector.fusion_module({"encoder00": a.reshape(32, 32), "encoder01": b.reshape(32, 24)},
+                                        {"encoder00": present, "encoder01": present})  # fmt: skip
+        expected = connector.projector(fused.view(2, 16, 16))
+        torch.testing.assert_close(model.encode("image", x), expected)
+        one = connector.fusion_module({"encoder00": a[1, 5:6], "encoder01": b[1, 5:6]},
+                                      {"encoder00": present[:1], "encoder01": present[:1]})  # fmt: skip
+        torch.testing.assert_close(fused[16 + 5], one[0])
+    # The fusion trains with the connector while the towers stay frozen.
+    set_trainable(model, ["connector"])
+    model.encode("image", x).square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in connector.fusion_module.parameters())
+    assert all(p.grad is None for p in model.encoders.parameters())
+    # It saves and reloads with the model.
+    save_checkpoint(tmp_path / "ckpt", model, tok, cfg)
+    reloaded, _, _ = load_checkpoint(tmp_path / "ckpt")
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded.encode("image", x), model.encode("image", x))
+
+
+def test_connector_fusion_settings_are_checked(shapes):
+    with pytest.raises(ConfigError, match="extra_encoders"):
+        build_model(ModelConfig(
+            media={"image": MediaConfig(encoder=EncoderConfig(name="clip", config=dict(TINY_VISION)),
+                                        connector=ConnectorConfig(fusion={"name": "gated"}))},
+            llm=LLMConfig(config=dict(TINY_LLAMA), tokenizer=shapes["tokenizer"])))  # fmt: skip
+    with pytest.raises(ConfigError, match="name='nope': registered fusion modules are .*gated"):
+        build_model(_two_tower_config(shapes["tokenizer"], {"name": "nope"}))
+    with pytest.raises(ConfigError, match="unknown key.*'width'"):
+        build_model(_two_tower_config(shapes["tokenizer"], {"name": "gated", "width": 3}))
+    with pytest.raises(ConfigError, match="projector family, not flamingo"):
+        build_model(_two_tower_config(shapes["tokenizer"], {"name": "gated"}, family="flamingo"))
+
+
 def test_groups_select_by_prefix_and_unknown_names_fail(shapes):
     model, _ = build_model(image_audio_config(shapes["tokenizer"]))
     assert set(model.param_groups()) == {"encoder.image", "encoder.audio", "connector.image", "connector.audio", "llm"}

@@ -40,6 +40,12 @@ class EncoderConfig:
 class ConnectorConfig:
     name: str = _f("mlp2x_gelu", "connector: linear | mlpNx_gelu (N layers; mlp2x_gelu is LLaVA-1.5's)")
     bias: bool = _f(True, "bias in the connector's linear layers")
+    fusion: dict = _f(
+        {},
+        "with extra_encoders: fuse the encoders' features per token before the projector, with a fusion module of "
+        "`mmalign classify` ({name: concat | attention | gated | product | bilinear | tensor, dim: 256, settings: "
+        "{}}); {} = plain concatenation",
+    )
 
 
 @dataclass

@@ -7,10 +7,10 @@ from torch import nn
 from mmalign.config import ConfigError, MediaConfig, ModelConfig
 from mmalign.constants import END_OF_CHUNK
 from mmalign.modalities import get_modality
-from mmalign.models import connectors as _connectors  # noqa: F401  (registers connectors)
 from mmalign.models import encoders as _encoders  # noqa: F401  (registers encoders)
 from mmalign.models import token_encoder as _token_encoder  # noqa: F401  (registers modality-transformer)
 from mmalign.models.adapters import inject_adapters
+from mmalign.models.connectors import FusingConnector  # importing it also registers the connectors
 from mmalign.models.encoders import FusedEncoder
 from mmalign.models.flamingo import FlamingoLM
 from mmalign.models.llm import load_llm, load_tokenizer
@@ -54,6 +54,33 @@ def check_model_config(cfg: ModelConfig) -> None:
                 f"model.media.{modality}.connector.name={media.connector.name!r}: registered connectors are "
                 f"{', '.join(CONNECTORS.names())}"
             )
+        if media.connector.fusion:
+            check_connector_fusion(cfg.family, modality, media)
+
+
+def check_connector_fusion(family: str, modality: str, media: MediaConfig) -> None:
+    from mmalign.fusion.modules import FUSIONS
+
+    where = f"model.media.{modality}.connector.fusion"
+    if family != "projector":
+        raise ConfigError(f"{where}: fusing encoders in the connector is for the projector family, not {family}")
+    if not media.extra_encoders:
+        raise ConfigError(f"{where} fuses several encoders' features: add model.media.{modality}.extra_encoders")
+    unknown = sorted(set(media.connector.fusion) - {"name", "dim", "settings"})
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; keys are name, dim, settings")
+    name = media.connector.fusion.get("name", "concat")
+    if name not in FUSIONS:
+        raise ConfigError(f"{where}.name={name!r}: registered fusion modules are {', '.join(FUSIONS.names())}")
+
+
+def build_connector(media: MediaConfig, encoder: nn.Module, out_dim: int) -> nn.Module:
+    """A modality's connector into the LLM; with `connector.fusion`, a fusion module of the encoders' features
+    per token ahead of it."""
+    c = media.connector
+    if c.fusion:
+        return FusingConnector(parts=encoder.parts, projector=c.name, out_dim=out_dim, bias=c.bias, **c.fusion)
+    return CONNECTORS.build(c.name, in_dim=encoder.hidden_size, out_dim=out_dim, bias=c.bias)
 
 
 def check_llm(llm: nn.Module) -> None:
@@ -92,12 +119,7 @@ def build_projector(cfg: ModelConfig, tokenizer) -> MultimodalLM:
     check_llm(llm)
     hidden = llm.get_input_embeddings().embedding_dim
     encoders = {m: build_encoder(media, m) for m, media in cfg.media.items()}
-    connectors = {
-        m: CONNECTORS.build(
-            media.connector.name, in_dim=encoders[m].hidden_size, out_dim=hidden, bias=media.connector.bias
-        )
-        for m, media in cfg.media.items()
-    }
+    connectors = {m: build_connector(media, encoders[m], hidden) for m, media in cfg.media.items()}
     ids = {m: tokenizer.convert_tokens_to_ids(text) for m, text in placeholders(cfg).items()}
     return MultimodalLM(encoders=encoders, connectors=connectors, llm=llm, media_token_ids=ids)
 

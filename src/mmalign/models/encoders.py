@@ -144,7 +144,8 @@ class FusedEncoder(nn.Module):
                     f"fused encoders must give the same number of tokens per item: {first.num_tokens} vs {e.num_tokens}"
                 )
         self.encoders = nn.ModuleList(encoders)
-        self.hidden_size = sum(e.hidden_size for e in encoders)
+        self.parts = [e.hidden_size for e in encoders]  # each encoder's share of a token's features
+        self.hidden_size = sum(self.parts)
         self.num_tokens = first.num_tokens
         # Preprocessing follows the first encoder (the processor reads these).
         for attr in ("image_size", "patch_size", "mean", "std", "num_samples", "n_fft", "hop"):
