@@ -112,8 +112,8 @@ def compare_multitask_cmd(
     mix_samples: int = typer.Option(100, help="Labelled training samples the mix task gets (the others get all)."),
     setups: str = typer.Option(
         None,
-        help="Comma-separated: single-task, hard, hard + uncertainty, hard + gradnorm, hierarchical, soft "
-        "(default: all).",
+        help="Comma-separated: single-task, hard, hard + uncertainty, hard + gradnorm, hard + pcgrad, hierarchical, "
+        "soft (penalty 1), soft @ 0.01, soft @ 0.1, soft @ 10 (default: all).",
     ),
     seed: int = typer.Option(0, help="Seed."),
     progress: bool = typer.Option(True, help="Progress bars."),

@@ -104,10 +104,10 @@ MULTITASK_SETUPS = {
     "hard + gradnorm": {"multitask.weighting": "gradnorm"},
     "hard + pcgrad": {"multitask.weighting": "pcgrad"},
     "hierarchical": {"levels": {"colour": 0, "pitch": 0}},
-    "soft": {"model.sharing": "soft"},  # the default penalty, 1e-3
+    "soft": {"model.sharing": "soft"},  # the default penalty, 1
     "soft @ 0.01": {"model.sharing": "soft", "model.soft_penalty": 0.01},
     "soft @ 0.1": {"model.sharing": "soft", "model.soft_penalty": 0.1},
-    "soft @ 1": {"model.sharing": "soft", "model.soft_penalty": 1.0},
+    "soft @ 10": {"model.sharing": "soft", "model.soft_penalty": 10.0},
 }
 
 

@@ -32,7 +32,9 @@ class ClassifierModelConfig:
     sharing: Literal["hard", "soft"] = _f(
         "hard", "hard (one tower, a head per task) | soft (a tower per task + distance penalty)"
     )
-    soft_penalty: float = _f(1e-3, "weight of the soft-sharing penalty (sharing=soft)", ge=0.0)
+    soft_penalty: float = _f(
+        1.0, "weight of the soft-sharing penalty (sharing=soft); `classify compare-multitask` shows a sweep", ge=0.0
+    )
     modality_dropout: float = _f(0.0, "chance each modality of a training sample is hidden (never all)", ge=0.0)
 
 
