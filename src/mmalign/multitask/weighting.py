@@ -230,11 +230,11 @@ class PCGradWeighting(LossWeighting):
             if grad is None:
                 raise ValueError(f"loss of task {self.tasks[i]!r} does not depend on `shared`")
             grads.append(grad.detach().flatten().float())  # float32: dot products of bf16 gradients lose too much
-        projected, conflicts = project_conflicting(torch.stack(grads), self._generator())
+        grads = torch.stack(grads)  # (present, B * D)
+        projected, conflicts = project_conflicting(grads, self._generator())
         self.calls += 1
-        pairs = len(grads) * (len(grads) - 1)
-        self.conflicts = conflicts / pairs
-        change = (projected.sum(0) - torch.stack(grads).sum(0)).view_as(shared).to(shared.dtype)
+        self.conflicts = conflicts / (len(grads) * (len(grads) - 1))
+        change = (projected - grads).sum(0).view_as(shared).to(shared.dtype)
         # Zero in value, `change` in gradient at `shared`.
         return total + (shared * change).sum() - (shared.detach() * change).sum()
 
