@@ -99,39 +99,37 @@ def results(path: str) -> dict[str, str]:
     return {name: outside.get(name) or status_by_exit_code[code] for name, code in codes.items()}
 
 
-def _function(tree: ast.Module, name: str) -> ast.FunctionDef:
-    for node in ast.walk(tree):
-        if isinstance(node, ast.FunctionDef) and node.name == name:
-            return node
-    raise LookupError(name)
+def _function(tree: ast.Module, name: str, cls: str | None = None) -> ast.FunctionDef:
+    """The function `name` at the top level of `tree`, or in its class `cls`."""
+    body = tree.body
+    if cls is not None:
+        body = next(c.body for c in body if isinstance(c, ast.ClassDef) and c.name == cls)
+    return next(f for f in body if isinstance(f, ast.FunctionDef) and f.name == name)
 
 
 def with_mutant(name: str) -> tuple[Path, str]:
     """(source file, its text with mutant `name` in place of the original function). mutmut keeps each mutant
-    as a whole function in mutants/: `x_f__mutmut_3` for function f, `xǁCǁf__mutmut_3` for method C.f."""
+    as a whole function in mutants/, beside the original: `x_f__mutmut_3` for function f, `xǁCǁf__mutmut_3` for
+    method C.f."""
     module, key = name.split(".x", 1)
     key = "x" + key
     stem = key.rsplit("__mutmut_", 1)[0]
-    original = stem.split("ǁ")[-1] if stem.startswith("xǁ") else stem.removeprefix("x_")
+    cls, original = stem.split("ǁ")[1:] if stem.startswith("xǁ") else (None, stem.removeprefix("x_"))
     source = ROOT / "src" / (module.replace(".", "/") + ".py")
     mutated_file = (ROOT / "mutants" / "src" / source.relative_to(ROOT / "src")).read_text()
     tree, text = ast.parse(mutated_file), source.read_text()
     lines, mutated_lines = text.splitlines(keepends=True), mutated_file.splitlines(keepends=True)
 
-    def body(node: ast.FunctionDef, src: list[str], rename: str) -> list[str]:
-        block = src[node.lineno - 1 : node.end_lineno]
+    def body(rename: str) -> list[str]:
+        node = _function(tree, rename, cls)
+        block = mutated_lines[node.lineno - 1 : node.end_lineno]
         block[0] = block[0].replace(f"def {rename}(", f"def {original}(", 1)
         return block
 
-    target = _function(ast.parse(text), original) if not stem.startswith("xǁ") else next(
-        f for c in ast.walk(ast.parse(text)) if isinstance(c, ast.ClassDef) and c.name == stem.split("ǁ")[1]
-        for f in c.body if isinstance(f, ast.FunctionDef) and f.name == original
-    )  # fmt: skip
-    unchanged = body(_function(tree, f"{stem}__mutmut_orig"), mutated_lines, f"{stem}__mutmut_orig")
-    if unchanged != lines[target.lineno - 1 : target.end_lineno]:
+    target = _function(ast.parse(text), original, cls)
+    if body(f"{stem}__mutmut_orig") != lines[target.lineno - 1 : target.end_lineno]:
         raise SystemExit(f"{source} changed since mutmut's run ({original} differs): run the mutants again first")
-    mutant = body(_function(tree, key), mutated_lines, key)
-    return source, "".join(lines[: target.lineno - 1] + mutant + lines[target.end_lineno :])
+    return source, "".join(lines[: target.lineno - 1] + body(key) + lines[target.end_lineno :])
 
 
 def run_outside(names: list[str]) -> None:
@@ -150,6 +148,15 @@ def run_outside(names: list[str]) -> None:
         outside[name] = "killed outside" if code == 1 else "survived outside"
         print(f"[{i}/{len(names)}] {name}: {outside[name]}", flush=True)
         OUTSIDE.write_text(json.dumps(outside, indent=1))
+
+
+def missed(modules: list[str], sample: dict[str, list[str]] | None) -> list[str]:
+    """The last run's (or sample's) mutants of `modules` that no test killed, unchecked ones included."""
+    names = []
+    for m in modules:
+        status = results(CORE[m])
+        names += [n for n in (sample[m] if sample else status) if status.get(n) not in KILLED]
+    return names
 
 
 def diff(name: str) -> str:
@@ -225,16 +232,9 @@ def main() -> None:
         sample = json.loads(SAMPLE.read_text())
     if args.outside:
         equivalent = tomllib.loads(EQUIVALENT.read_text()) if EQUIVALENT.is_file() else {}
-        names = []
-        for m in modules:
-            status = results(CORE[m])
-            names += [n for n in (sample[m] if sample else status) if status.get(n) not in KILLED]
-        run_outside([n for n in names if n not in equivalent])
+        run_outside([n for n in missed(modules, sample) if n not in equivalent])
     elif args.retry:  # the last run's missed mutants again, against the tests as they are now
-        names = []
-        for m in modules:
-            status = results(CORE[m])
-            names += [n for n in (sample[m] if sample else status) if status.get(n) not in KILLED]
+        names = missed(modules, sample)
         if names:
             run(names, args.max_children)
     elif not args.report:
