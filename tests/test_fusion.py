@@ -5,6 +5,7 @@ from mmalign.config import EncoderConfig
 from mmalign.fusion.classifier import MultimodalClassifier, modality_dropout
 from mmalign.fusion.config import ClassifierModelConfig, FusionConfig, TaskConfig
 from mmalign.fusion.modules import FUSIONS, build_fusion
+from mmalign.fusion.tasks import TaskSpec
 
 NAMES = ["attention", "bilinear", "concat", "gated", "product", "tensor"]
 DIMS = {"image": 12, "audio": 8, "imu": 5}
@@ -78,7 +79,7 @@ def tiny_model(sharing="hard", levels=None, depth=2):
     cfg = ClassifierModelConfig(encoders={"imu": enc, "signal": enc}, fusion=FusionConfig("concat", 16),
                                 trunk_depth=depth, tasks=tasks, sharing=sharing)  # fmt: skip
     torch.manual_seed(0)
-    return MultimodalClassifier(cfg, {"a": ["x", "y"], "b": ["p", "q", "r"]})
+    return MultimodalClassifier(cfg, {"a": TaskSpec(classes=["x", "y"]), "b": TaskSpec(classes=["p", "q", "r"])})
 
 
 def tiny_batch(n=4):
@@ -104,8 +105,8 @@ def test_hierarchical_heads_read_their_level():
     model = tiny_model(levels={"a": 0, "b": -1})
     media, present = tiny_batch()
     out = model(media, present)
-    assert set(out["logits"]) == {"a", "b"} and out["logits"]["b"].shape == (4, 3)
-    out["logits"]["a"].sum().backward()
+    assert set(out["outputs"]) == {"a", "b"} and out["outputs"]["b"].shape == (4, 3)
+    out["outputs"]["a"].sum().backward()
     trunk = [p.grad for p in model.tower.trunk.parameters()]
     assert all(g is None for g in trunk), "a level-0 task must not train the trunk above it"
     assert model.tower.fusion.proj[0].weight.grad.abs().sum() > 0
@@ -116,6 +117,6 @@ def test_hierarchical_heads_read_their_level():
 def test_soft_towers_are_independent_in_the_forward_pass():
     model = tiny_model("soft")
     media, present = tiny_batch()
-    model(media, present)["logits"]["a"].sum().backward()
+    model(media, present)["outputs"]["a"].sum().backward()
     assert all(p.grad is None for p in model.towers["b"].parameters())
     assert any(p.grad is not None for p in model.towers["a"].parameters())

@@ -142,8 +142,9 @@ def data_cmd(
         help="shapes (coloured shapes, with a word-level tokenizer) or glyphs (two drawn digits on textures, six "
         "question types of 2 to 10 answers; no tokenizer: it stands in for a user's own data) or multimodal (per "
         "modality: real files, captions, 3-turn conversations and held-out questions, and one word-level tokenizer; "
-        "writes data/multimodal by default) or fusion (a shapes image and a tone per record, labelled colour, pitch "
-        "and mix, which needs both; for `mmalign classify`; writes data/fusion by default).",
+        "writes data/multimodal by default) or fusion (a shapes image and a tone per record, labelled colour, pitch, "
+        "mix (needs both), total (shapes + beeps, a number) and pair (colour + pitch, a retrieval key); for "
+        "`mmalign classify`; writes data/fusion by default).",
     ),
     modalities: str = typer.Option(
         None, help="multimodal: comma-separated modalities to write (default: every one with a generator)."

@@ -1,4 +1,5 @@
-"""A multimodal classifier: any set of encoders, a fusion module, a trunk and one head per task.
+"""A multimodal classifier: any set of encoders, a fusion module, a trunk and one head per task. A task classifies,
+regresses or retrieves (`mmalign.fusion.tasks`); only its head's width depends on which.
 
 Sharing between tasks (multi-task learning):
 - hard: one tower (encoders + fusion + trunk) shared by every task, a head per task. Each task's head reads the
@@ -16,6 +17,7 @@ from torch import nn
 
 from mmalign.fusion.config import ClassifierModelConfig
 from mmalign.fusion.modules import build_fusion
+from mmalign.fusion.tasks import TaskSpec
 
 
 class Block(nn.Module):
@@ -55,12 +57,12 @@ class Tower(nn.Module):
 
 
 class MultimodalClassifier(nn.Module):
-    """`forward(media, present) -> {"logits": {task: (B, classes)}, "shared": fused vector or None}`."""
+    """`forward(media, present) -> {"outputs": {task: (B, head width)}, "shared": fused vector or None}`."""
 
-    def __init__(self, cfg: ClassifierModelConfig, classes: dict[str, list[str]]):
+    def __init__(self, cfg: ClassifierModelConfig, specs: dict[str, TaskSpec]):
         super().__init__()
-        self.cfg, self.classes = cfg, classes
-        self.tasks = sorted(classes)
+        self.cfg, self.specs = cfg, specs
+        self.tasks = sorted(specs)
         depth = cfg.trunk_depth
         self.levels = {}
         for t in self.tasks:
@@ -76,8 +78,8 @@ class MultimodalClassifier(nn.Module):
         dim = cfg.fusion.dim
         self.heads = nn.ModuleDict(
             {
-                t: nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, len(c)))
-                for t, c in classes.items()
+                t: nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, s.out_dim(dim)))
+                for t, s in specs.items()
             }  # fmt: skip
         )
 
@@ -93,10 +95,10 @@ class MultimodalClassifier(nn.Module):
         tasks = tasks or self.tasks
         if self.cfg.sharing == "hard":
             levels = self.tower(media, present)
-            logits = {t: self.heads[t](levels[self.levels[t]]) for t in tasks}
-            return {"logits": logits, "shared": levels[0]}
-        logits = {t: self.heads[t](self.towers[t](media, present)[self.levels[t]]) for t in tasks}
-        return {"logits": logits, "shared": None}
+            outputs = {t: self.heads[t](levels[self.levels[t]]) for t in tasks}
+            return {"outputs": outputs, "shared": levels[0]}
+        outputs = {t: self.heads[t](self.towers[t](media, present)[self.levels[t]]) for t in tasks}
+        return {"outputs": outputs, "shared": None}
 
     def penalty(self) -> torch.Tensor:
         """Soft sharing: sum over parameters of the squared distance of each tower's copy to the towers' mean."""

@@ -1,4 +1,5 @@
-"""The classifier recipe: encoders + fusion + task heads, multi-task settings, data, and the shared TrainConfig."""
+"""The classifier recipe: encoders + fusion + task heads (classify, regress or retrieve), multi-task settings,
+data, and the shared TrainConfig."""
 
 from __future__ import annotations
 
@@ -18,6 +19,10 @@ class FusionConfig:
 
 @dataclass
 class TaskConfig:
+    kind: Literal["classify", "regress", "retrieve"] = _f(
+        "classify", "classify (a class) | regress (a number) | retrieve (an embedding; equal labels are matches)"
+    )
+    temperature: float = _f(0.1, "kind=retrieve: the contrastive loss's temperature", gt=0.0)
     level: int = _f(-1, "trunk level the head reads: 0 = fusion output, 1.. = after each block, -1 = the top")
     weight: float = _f(1.0, "loss weight (multitask.weighting=fixed)", ge=0.0)
     max_samples: int = _f(0, "use only the first N training samples labelled for this task; 0 = all", ge=0)

@@ -4,10 +4,13 @@ A record is `{"id": ..., "<modality key>": path, ..., "labels": {task: class}}`.
 (the model then predicts from the others) or a task's label (that task's loss skips it). Everything is loaded and
 preprocessed once, up front, into tensors: the data are small and the encoders run every step.
 
-The embedded task (`write_fusion_dataset`): a shapes image and a tone. Three labels:
+The embedded task (`write_fusion_dataset`): a shapes image and a tone. Five labels:
 - colour (from the image alone), pitch (from the sound alone), and
 - mix = (colour group + pitch) mod 3, where colour group = the colour's index mod 3. Given either input alone,
-  each mix class is equally likely, so a model that does not fuse the two stays at chance (1/3).
+  each mix class is equally likely, so a model that does not fuse the two stays at chance (1/3);
+- total (a number to regress): shapes in the image + beeps in the sound, 2 to 6. Either input alone explains
+  half its variance (R² 0.5);
+- pair (a key to retrieve by): colour and pitch, e.g. "red high". Matches share both.
 """
 
 from __future__ import annotations
@@ -21,12 +24,16 @@ import torch
 from rich.progress import track
 
 from mmalign.data.processor import read_records
+from mmalign.fusion.tasks import TaskSpec, as_number
 from mmalign.modalities import get_modality
 from mmalign.modalities.base import MediaError
 
 COLOURS = ["red", "green", "blue", "yellow", "purple", "orange"]
 PITCHES = ["low", "middle", "high"]
 MIX = ["a", "b", "c"]
+NUMBERS = {"one": 1, "two": 2, "three": 3}
+# The kind of each embedded label (model.tasks.<t>.kind).
+EMBEDDED_KINDS = {"colour": "classify", "pitch": "classify", "mix": "classify", "total": "regress", "pair": "retrieve"}
 
 
 def mix_label(colour: str, pitch: str) -> str:
@@ -51,7 +58,13 @@ def write_fusion_dataset(out: str | Path, n_train: int = 2000, n_test: int = 300
             image.save(img, out / "image" / f"{name}{image.suffix}")
             audio.save(snd, out / "audio" / f"{name}{audio.suffix}")
             colour, pitch = img_ans["color"], snd_ans["pitch"]
-            labels = {"colour": colour, "pitch": pitch, "mix": mix_label(colour, pitch)}
+            labels = {
+                "colour": colour,
+                "pitch": pitch,
+                "mix": mix_label(colour, pitch),
+                "total": NUMBERS[img_ans["count"]] + NUMBERS[snd_ans["beeps"]],
+                "pair": f"{colour} {pitch}",
+            }
             rows.append({"id": name, "image": f"image/{name}{image.suffix}", "audio": f"audio/{name}{audio.suffix}",
                          "labels": labels})  # fmt: skip
         files[split] = out / f"{split}.jsonl"
@@ -61,7 +74,8 @@ def write_fusion_dataset(out: str | Path, n_train: int = 2000, n_test: int = 300
 
 @dataclass
 class Labelled:
-    """Preprocessed records: media[m] (N, ...), present[m] (N,) bool, labels[t] (N,) class index or -1."""
+    """Preprocessed records: media[m] (N, ...), present[m] (N,) bool, labels[t] (N,) as `TaskSpec.encode` gives
+    them (a class index, a number or a match key's index; -1 or NaN when missing)."""
 
     ids: list[str]
     media: dict[str, torch.Tensor]
@@ -81,33 +95,51 @@ class Labelled:
         }
 
 
-def label_classes(path: str | Path) -> dict[str, list[str]]:
-    """Every task in a file's labels with its classes, sorted: the class indices of the heads."""
-    classes: dict[str, set] = {}
+def task_specs(path: str | Path, kinds: dict[str, str] | None = None,
+               temperatures: dict[str, float] | None = None) -> dict[str, TaskSpec]:  # fmt: skip
+    """Every task in a file's labels, with what its head needs from the training data: the sorted classes
+    (classify) or the targets' mean and std (regress). `kinds` maps tasks to kinds; the rest classify."""
+    kinds, temperatures = kinds or {}, temperatures or {}
+    values: dict[str, list] = {}
     for rec in read_records(path):
         for task, value in (rec.get("labels") or {}).items():
-            classes.setdefault(task, set()).add(str(value))
-    if not classes:
+            if value is not None:
+                values.setdefault(task, []).append(value)
+    if not values:
         raise ValueError(f'{path}: no record has `labels`; expected e.g. {{"labels": {{"mood": "happy"}}}}')
-    return {t: sorted(c) for t, c in sorted(classes.items())}
+    specs = {}
+    for task, seen in sorted(values.items()):
+        spec = TaskSpec(kind=kinds.get(task, "classify"), temperature=temperatures.get(task, 0.1))
+        if spec.kind == "classify":
+            spec.classes = sorted({str(v) for v in seen})
+        elif spec.kind == "regress":
+            numbers = torch.tensor([n for n in map(as_number, seen) if n is not None], dtype=torch.float64)
+            if len(numbers) == 0:
+                raise ValueError(f"{path}: task {task} is kind=regress, but none of its labels is a number "
+                                 f"(e.g. {seen[0]!r})")  # fmt: skip
+            spec.mean = float(numbers.mean())
+            spec.std = float(numbers.std()) if len(numbers) > 1 and numbers.std() > 0 else 1.0
+        specs[task] = spec
+    return specs
 
 
-def load_labelled(path: str | Path, encoders: dict, classes: dict[str, list[str]], folder: str | Path = "",
+def load_labelled(path: str | Path, encoders: dict, specs: dict[str, TaskSpec], folder: str | Path = "",
                   progress: bool = True) -> Labelled:  # fmt: skip
     """Load and preprocess every record for `encoders` (modality -> encoder). A record that cannot be used (a
-    file that does not load, a label outside `classes`, no modality at all) is left out and reported in `errors`
-    with its id and the problem."""
+    file that does not load, a label its task cannot take, no modality at all) is left out and reported in
+    `errors` with its id and the problem."""
     path = Path(path)
     folder = Path(folder) if folder else path.parent
-    specs = {m: get_modality(m) for m in sorted(encoders)}
-    ids, items, flags, ys, errors = [], {m: [] for m in specs}, {m: [] for m in specs}, {t: [] for t in classes}, []
+    modalities = {m: get_modality(m) for m in sorted(encoders)}
+    ids, items, flags, errors = [], {m: [] for m in modalities}, {m: [] for m in modalities}, []
+    ys, keys = {t: [] for t in specs}, {t: {} for t in specs}
     shape: dict[str, tuple] = {}
     records = read_records(path)
     for index, rec in enumerate(track(records, description=f"loading {path.name}", disable=not progress)):
         sid = rec.get("id", index)
         try:
             row, row_flags = {}, {}
-            for m, spec in specs.items():
+            for m, spec in modalities.items():
                 source = rec.get(spec.record_key)
                 if source is None:
                     row[m], row_flags[m] = None, False
@@ -121,33 +153,34 @@ def load_labelled(path: str | Path, encoders: dict, classes: dict[str, list[str]
                     raise MediaError(f"{m} preprocessed to {tuple(x.shape)}, others to {shape[m]}")
                 row[m], row_flags[m] = x, True
             if not any(row_flags.values()):
-                raise MediaError(f"no media for any of {list(specs)} (keys {[s.record_key for s in specs.values()]})")
+                wanted = [s.record_key for s in modalities.values()]
+                raise MediaError(f"no media for any of {list(modalities)} (keys {wanted})")
             labels = rec.get("labels") or {}
             y = {}
-            for task, names in classes.items():
-                value = labels.get(task)
-                if value is not None and str(value) not in names:
-                    raise MediaError(f"label {task}={value!r} is not one of the training classes {names}")
-                y[task] = -1 if value is None else names.index(str(value))
+            for task, task_spec in specs.items():
+                try:
+                    y[task] = task_spec.encode(labels.get(task), keys[task])
+                except ValueError as err:
+                    raise MediaError(f"label {task}={labels.get(task)!r}: {err}") from err
         except (MediaError, OSError, ValueError) as err:
             errors.append({"id": str(sid), "error": f"sample {sid}: {err}"})
             continue
         ids.append(str(sid))
-        for m in specs:
+        for m in modalities:
             items[m].append(row[m])
             flags[m].append(row_flags[m])
-        for task in classes:
+        for task in specs:
             ys[task].append(y[task])
     media = {}
-    for m in specs:
+    for m in modalities:
         if m not in shape:
-            raise ValueError(f"{path}: no record has a {m} item; the model's encoders are {list(specs)}")
+            raise ValueError(f"{path}: no record has a {m} item; the model's encoders are {list(modalities)}")
         blank = torch.zeros(shape[m])
         media[m] = torch.stack([blank if x is None else x for x in items[m]]) if ids else torch.zeros(0, *shape[m])
     return Labelled(
         ids=ids,
         media=media,
-        present={m: torch.tensor(flags[m], dtype=torch.bool) for m in specs},
-        labels={t: torch.tensor(ys[t], dtype=torch.long) for t in classes},
+        present={m: torch.tensor(flags[m], dtype=torch.bool) for m in modalities},
+        labels={t: torch.tensor(ys[t], dtype=spec.dtype()) for t, spec in specs.items()},
         errors=errors,
     )

@@ -1,5 +1,5 @@
-"""The classifier as an objective of the one Trainer: per-task cross-entropy, task sampling, loss weighting, the
-soft-sharing penalty, held-out accuracy per task, and a run folder that reloads as a model."""
+"""The classifier as an objective of the one Trainer: per-task losses (classify, regress, retrieve), task sampling,
+loss weighting, the soft-sharing penalty, held-out figures per task, and a run folder that reloads as a model."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from rich.console import Console
 
 from mmalign.config import save_yaml
@@ -15,22 +14,27 @@ from mmalign.contrastive.distributed import rank_and_world
 from mmalign.data.processor import SampleError
 from mmalign.fusion.classifier import MultimodalClassifier, modality_dropout
 from mmalign.fusion.config import ClassifierRecipe, check_classifier, load_classifier_recipe
-from mmalign.fusion.data import Labelled, label_classes, load_labelled
+from mmalign.fusion.data import Labelled, load_labelled, task_specs
+from mmalign.fusion.tasks import HEADLINE, TaskSpec
 from mmalign.multitask.sampling import TaskSampler
 from mmalign.multitask.weighting import build_weighting
 from mmalign.train.loop import TooManyBadSamples
 from mmalign.train.trainer import OBJECTIVE_WEIGHTS, Objective, Trainer, batch_generator
 
-RECIPE_FILE, CLASSES_FILE = "classifier.yaml", "classes.json"
+RECIPE_FILE, TASKS_FILE = "classifier.yaml", "tasks.json"
+CLASSES_FILE = "classes.json"  # run folders from before regression and retrieval: every task classifies
 
 
-def task_classes(cfg: ClassifierRecipe) -> dict[str, list[str]]:
-    classes = label_classes(cfg.data.train)
-    unknown = sorted(set(cfg.model.tasks) - set(classes))
+def chosen_tasks(cfg: ClassifierRecipe) -> dict[str, TaskSpec]:
+    """The tasks to train (model.tasks, or every label key of data.train), each with its kind and training-data
+    statistics."""
+    tasks = cfg.model.tasks
+    specs = task_specs(cfg.data.train, {t: c.kind for t, c in tasks.items()},
+                       {t: c.temperature for t, c in tasks.items()})  # fmt: skip
+    unknown = sorted(set(tasks) - set(specs))
     if unknown:
-        raise ValueError(f"model.tasks names {unknown}, but {cfg.data.train} labels only {sorted(classes)}")
-    chosen = cfg.model.tasks or classes
-    return {t: classes[t] for t in sorted(chosen)}
+        raise ValueError(f"model.tasks names {unknown}, but {cfg.data.train} labels only {sorted(specs)}")
+    return {t: specs[t] for t in sorted(tasks or specs)}
 
 
 class ClassifierObjective(Objective):
@@ -42,12 +46,12 @@ class ClassifierObjective(Objective):
         check_classifier(cfg)
         self.cfg, self.out = cfg, Path(cfg.train.out_dir)
         console = console or Console()
-        self.model = MultimodalClassifier(cfg.model, task_classes(cfg))
+        self.model = MultimodalClassifier(cfg.model, chosen_tasks(cfg))
         self.tasks = self.model.tasks
         self.weighting = build_weighting(cfg.multitask.weighting, self.tasks, **self._weighting_settings())
         encoders = {m: self.model.encoder(m) for m in self.model.modalities}
         progress = cfg.train.progress
-        self.train_data = load_labelled(cfg.data.train, encoders, self.model.classes, cfg.data.folder, progress)
+        self.train_data = load_labelled(cfg.data.train, encoders, self.model.specs, cfg.data.folder, progress)
         self._report_errors(self.train_data, console)
         self.pools = self._task_pools()
         sizes = {t: len(p) for t, p in self.pools.items()}
@@ -61,7 +65,7 @@ class ClassifierObjective(Objective):
             console.print(f"task sampling: {self.sampler.describe()}")
         self.val_data = None
         if cfg.data.val:
-            self.val_data = load_labelled(cfg.data.val, encoders, self.model.classes, cfg.data.folder, progress)
+            self.val_data = load_labelled(cfg.data.val, encoders, self.model.specs, cfg.data.folder, progress)
             self._report_errors(self.val_data, console)
         self._accum = 1
 
@@ -96,13 +100,14 @@ class ClassifierObjective(Objective):
         task's pool are hidden, so sampling=all cannot see more of a task than its budget."""
         pools = {}
         for t in self.tasks:
-            rows = torch.nonzero(self.train_data.labels[t] >= 0).flatten()
+            labels = self.train_data.labels[t]
+            rows = torch.nonzero(self.model.specs[t].seen(labels)).flatten()
             limit = self.cfg.model.tasks[t].max_samples if t in self.cfg.model.tasks else 0
             if limit:
                 rows = rows[:limit]
                 hidden = torch.ones(len(self.train_data), dtype=torch.bool)
                 hidden[rows] = False
-                self.train_data.labels[t][hidden] = -1
+                labels[hidden] = torch.nan if labels.is_floating_point() else -1
             pools[t] = rows
         return pools
 
@@ -132,14 +137,12 @@ class ClassifierObjective(Objective):
             yield batch
 
     def counts(self, batch: dict) -> dict[str, int]:
-        return {t: int((y >= 0).sum()) for t, y in batch["labels"].items()}
+        return {t: self.model.specs[t].count(y) for t, y in batch["labels"].items()}
 
     def losses(self, batch: dict) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
         out = self.model(batch["media"], batch["present"], list(batch["labels"]))
-        sums = {
-            t: F.cross_entropy(out["logits"][t].float(), y, ignore_index=-1, reduction="sum")
-            for t, y in batch["labels"].items()
-        }
+        specs = self.model.specs
+        sums = {t: specs[t].loss(out["outputs"][t], y.to(out["outputs"][t].device)) for t, y in batch["labels"].items()}
         return sums, out["shared"]
 
     def forward(self, batch: dict, window: dict[str, int]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -173,47 +176,61 @@ class ClassifierObjective(Objective):
                f"{params:,} parameters"  # fmt: skip
 
     def evaluate(self) -> dict[str, float]:
+        """Each task's headline figure as `val_<task>` (accuracy, R², recall@1) and the others as
+        `val_<task>/<figure>`."""
         if self.val_data is None:
             return {}
-        return {f"val_{t}": acc for t, acc in accuracy(self.model, self.val_data).items()}
+        row = {}
+        for t, figures in task_scores(self.model, self.val_data).items():
+            headline = HEADLINE[self.model.specs[t].kind]
+            row |= {f"val_{t}" if k == headline else f"val_{t}/{k}": v for k, v in figures.items()}
+        return row
 
     def save(self, out: Path, step: int) -> None:
         super().save(out, step)
         save_yaml(self.cfg, out / RECIPE_FILE)
-        (out / CLASSES_FILE).write_text(json.dumps(self.model.classes, indent=1))
+        specs = {t: spec.to_dict() for t, spec in self.model.specs.items()}
+        (out / TASKS_FILE).write_text(json.dumps(specs, indent=1))
 
 
 @torch.no_grad()
-def accuracy(model: MultimodalClassifier, data: Labelled, hide: tuple[str, ...] = (), batch_size: int = 256) -> dict:
-    """Held-out accuracy per task; modalities in `hide` are masked off every sample (as if missing)."""
+def task_scores(model: MultimodalClassifier, data: Labelled, hide: tuple[str, ...] = (),
+                batch_size: int = 256) -> dict[str, dict[str, float]]:  # fmt: skip
+    """Held-out figures per task (`TaskSpec.scores`); modalities in `hide` are masked off every sample (as if
+    missing). Retrieval ranks each sample against all the others, so predictions are gathered first."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    correct, total = {t: 0 for t in model.tasks}, {t: 0 for t in model.tasks}
+    preds = {t: [] for t in model.tasks}
     for start in range(0, len(data), batch_size):
         batch = data.rows(torch.arange(start, min(start + batch_size, len(data))))
         media = {m: x.to(device) for m, x in batch["media"].items()}
         present = {m: (p & (m not in hide)).to(device) for m, p in batch["present"].items()}
-        logits = model(media, present)["logits"]
-        for t, y in batch["labels"].items():
-            seen = y >= 0
-            correct[t] += int((logits[t].argmax(-1).cpu()[seen] == y[seen]).sum())
-            total[t] += int(seen.sum())
+        outputs = model(media, present)["outputs"]
+        for t in model.tasks:
+            preds[t].append(model.specs[t].predict(outputs[t]).cpu())
     model.train(was_training)
-    return {t: correct[t] / total[t] for t in model.tasks if total[t]}
+    scores = {t: model.specs[t].scores(torch.cat(preds[t]), data.labels[t]) for t in model.tasks if preds[t]}
+    return {t: s for t, s in scores.items() if s}
 
 
-def accuracy_by_inputs(model: MultimodalClassifier, data: Labelled, full: dict | None = None) -> dict:
-    """Accuracy per task with every modality (`full`, when already measured) and with each one hidden."""
-    figures = {"all": accuracy(model, data) if full is None else full}
+def headline(model: MultimodalClassifier, scores: dict[str, dict[str, float]]) -> dict[str, float]:
+    """Each task's headline figure: accuracy, R² or recall@1."""
+    return {t: s[HEADLINE[model.specs[t].kind]] for t, s in scores.items()}
+
+
+def scores_by_inputs(model: MultimodalClassifier, data: Labelled) -> dict[str, dict[str, dict[str, float]]]:
+    """Figures per task with every modality and with each one hidden."""
+    figures = {"all": task_scores(model, data)}
     if len(model.modalities) > 1:
-        figures |= {f"without {m}": accuracy(model, data, hide=(m,)) for m in model.modalities}
+        figures |= {f"without {m}": task_scores(model, data, hide=(m,)) for m in model.modalities}
     return figures
 
 
 def held_out(summary: dict) -> dict[str, float]:
-    """Per-task accuracy on data.val from a `train_classifier` summary: the Trainer's final evaluation."""
-    return {name.removeprefix("val_"): value for name, value in summary["eval"].items()}
+    """Each task's headline figure on data.val from a `train_classifier` summary: the Trainer's final
+    evaluation."""
+    return {name.removeprefix("val_"): value for name, value in summary["eval"].items() if "/" not in name}
 
 
 def train_classifier(cfg: ClassifierRecipe, resume: bool = False, console: Console | None = None) -> dict:
@@ -231,8 +248,11 @@ def load_classifier(run: str | Path) -> MultimodalClassifier:
     if not (run / RECIPE_FILE).is_file():
         raise FileNotFoundError(f"{run} is not a classifier run folder (no {RECIPE_FILE})")
     cfg = load_classifier_recipe(run / RECIPE_FILE)
-    classes = json.loads((run / CLASSES_FILE).read_text())
-    model = MultimodalClassifier(cfg.model, classes)
+    if (run / TASKS_FILE).is_file():
+        specs = {t: TaskSpec(**d) for t, d in json.loads((run / TASKS_FILE).read_text()).items()}
+    else:
+        specs = {t: TaskSpec(classes=c) for t, c in json.loads((run / CLASSES_FILE).read_text()).items()}
+    model = MultimodalClassifier(cfg.model, specs)
     state = load_file(str(run / OBJECTIVE_WEIGHTS))
     model.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
     return model.eval()
