@@ -18,18 +18,17 @@ console = Console()
 
 
 SHOWN = {"classify": ["accuracy"], "regress": ["r2", "mae"], "retrieve": ["recall@1", "map"]}
-NAMES = {"accuracy": "acc", "r2": "R²", "mae": "MAE", "recall@1": "R@1", "map": "mAP"}
 
 
 def _scores_table(title: str, specs: dict, figures: dict[str, dict[str, dict[str, float]]]) -> Table:
     """One row per input setting, a column per (task, figure): accuracy, R² and MAE, or recall@1 and mAP."""
-    from mmalign.fusion.tasks import format_score
+    from mmalign.fusion.tasks import LABELS, format_score
 
     columns = [(t, k) for t in sorted(specs) for k in SHOWN[specs[t].kind]]
     table = Table(title=title)
     table.add_column("inputs")
     for t, k in columns:
-        table.add_column(f"{t} {NAMES[k]}", justify="right")
+        table.add_column(f"{t} {LABELS[k]}", justify="right")
     for name, row in figures.items():
         table.add_row(name, *(format_score(k, row[t][k]) if k in row.get(t, {}) else "-" for t, k in columns))
     return table

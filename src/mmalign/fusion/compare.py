@@ -23,7 +23,7 @@ from mmalign.data.processor import read_records
 from mmalign.fusion.config import TaskConfig, load_classifier_recipe
 from mmalign.fusion.data import EMBEDDED_KINDS, write_fusion_dataset
 from mmalign.fusion.modules import FUSIONS
-from mmalign.fusion.tasks import HEADLINE, format_score
+from mmalign.fusion.tasks import HEADLINE, LABELS, format_score
 from mmalign.fusion.train import headline, held_out, task_scores, train_classifier
 
 FUSION_METHODS = ["concat", "attention", "gated", "product", "bilinear", "tensor"]
@@ -108,8 +108,8 @@ def compare_fusion(data_dir: str | Path = "data/fusion", out: str | Path = "runs
 
 def fusion_table(result: dict) -> Table:
     task, metric = result["task"], result["metric"]
-    table = Table(title=f"held-out {metric} on {task} (needs image and sound; {result['one_modality']})")
-    for col in ("model", f"{task} {metric}", "params", "seconds"):
+    table = Table(title=f"held-out {LABELS[metric]} on {task} (needs image and sound; {result['one_modality']})")
+    for col in ("model", f"{task} {LABELS[metric]}", "params", "seconds"):
         table.add_column(col, justify="left" if col == "model" else "right")
     for name, row in result["rows"].items():
         score = format_score(metric, row["score"][task])

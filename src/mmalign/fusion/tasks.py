@@ -21,6 +21,9 @@ import torch.nn.functional as F
 
 KINDS = ("classify", "regress", "retrieve")
 HEADLINE = {"classify": "accuracy", "regress": "r2", "retrieve": "recall@1"}
+# How tables name each figure.
+LABELS = {"accuracy": "acc", "r2": "R²", "mae": "MAE", "rmse": "RMSE", "recall@1": "R@1", "recall@5": "R@5",
+          "map": "mAP"}  # fmt: skip
 
 
 @dataclass

@@ -14,7 +14,7 @@ from mmalign.contrastive.distributed import rank_and_world
 from mmalign.data.processor import SampleError
 from mmalign.fusion.classifier import MultimodalClassifier, modality_dropout
 from mmalign.fusion.config import ClassifierRecipe, check_classifier, load_classifier_recipe
-from mmalign.fusion.data import Labelled, load_labelled, task_specs
+from mmalign.fusion.data import EMBEDDED_KINDS, Labelled, load_labelled, task_specs
 from mmalign.fusion.tasks import HEADLINE, TaskSpec
 from mmalign.multitask.sampling import TaskSampler
 from mmalign.multitask.weighting import build_weighting
@@ -33,7 +33,9 @@ def chosen_tasks(cfg: ClassifierRecipe) -> dict[str, TaskSpec]:
                        {t: c.temperature for t, c in tasks.items()})  # fmt: skip
     unknown = sorted(set(tasks) - set(specs))
     if unknown:
-        raise ValueError(f"model.tasks names {unknown}, but {cfg.data.train} labels only {sorted(specs)}")
+        stale = " (embedded data from an older version? `mmalign data --dataset fusion` rewrites it)"
+        hint = stale if set(unknown) <= set(EMBEDDED_KINDS) else ""
+        raise ValueError(f"model.tasks names {unknown}, but {cfg.data.train} labels only {sorted(specs)}{hint}")
     return {t: specs[t] for t in sorted(tasks or specs)}
 
 
