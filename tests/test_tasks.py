@@ -76,6 +76,21 @@ def test_regression_loss_is_on_standardised_targets_and_skips_missing_labels():
     guess = spec.scores(torch.full((4,), 13 / 3), y)
     assert guess["r2"] == pytest.approx(0.0, abs=1e-6)
     assert guess["mae"] == pytest.approx((7 / 3 + 5 / 3 + 2 / 3) / 3)
+    assert guess["rmse"] == pytest.approx(math.sqrt((49 / 9 + 25 / 9 + 4 / 9) / 3))
+    assert math.isnan(spec.scores(torch.ones(2), torch.ones(2))["r2"])  # no spread to explain
+    assert spec.out_dim(8) == 1 and TaskSpec(kind="retrieve").out_dim(8) == 8
+
+
+def test_classification_loss_prediction_and_accuracy_skip_missing_labels():
+    spec = TaskSpec(classes=["p", "q", "r"])
+    assert spec.encode("q", {}) == 1 and spec.encode(None, {}) == -1 and spec.out_dim(8) == 3
+    logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 3.0], [5.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+    y = torch.tensor([0, 1, -1, 2])
+    expected = -sum(torch.log_softmax(logits[i], dim=0)[y[i]] for i in (0, 1, 3))
+    assert spec.loss(logits, y).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert spec.seen(y).tolist() == [True, True, False, True] and spec.count(y) == 3
+    assert spec.predict(logits).tolist() == [0, 2, 0, 2]
+    assert spec.scores(spec.predict(logits), y) == {"accuracy": pytest.approx(2 / 3)}
 
 
 def test_labels_are_encoded_per_kind_and_bad_ones_named():
