@@ -216,6 +216,18 @@ def test_fixed_weighting_sums_weighted_losses_and_skips_absent_tasks():
         FixedWeighting(["a"], weights={"a": -1.0})
 
 
+def test_weightings_name_what_is_wrong_with_their_inputs():
+    with pytest.raises(ValueError, match="^a loss weighting needs at least one task$"):
+        FixedWeighting([])
+    with pytest.raises(ValueError, match=r"task names repeat: \['a', 'a'\]"):
+        FixedWeighting(["a", "a"])
+    weighting = FixedWeighting(["a", "b"])
+    with pytest.raises(ValueError, match=r"no task losses given; expected some of \['a', 'b'\]"):
+        weighting({})
+    with pytest.raises(ValueError, match=r"loss of task 'b' has shape \(2,\); pass the scalar mean loss"):
+        weighting({"a": torch.tensor(1.0), "b": torch.ones(2)})
+
+
 def test_build_weighting_by_name_and_unknown_names_list_the_registry():
     assert set(WEIGHTINGS.names()) >= {"fixed", "uncertainty", "gradnorm", "pcgrad"}
     assert isinstance(build_weighting("gradnorm", ["a", "b"], alpha=0.5), GradNormWeighting)
@@ -274,7 +286,7 @@ def test_pcgrad_projection_removes_every_conflict_with_the_originals():
 
 def test_pcgrad_needs_shared_and_logs_its_conflicts():
     weighting = PCGradWeighting(["a", "b"])
-    with pytest.raises(ValueError, match="needs `shared`"):
+    with pytest.raises(ValueError, match="PCGrad needs `shared`"):
         weighting({"a": torch.tensor(1.0)})
     shared = torch.ones(2, 3, requires_grad=True)
     with pytest.raises(ValueError, match="'b' does not depend"):

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from mmalign.fusion.data import task_specs
-from mmalign.fusion.tasks import TaskSpec, contrastive_sum, retrieval_scores
+from mmalign.fusion.tasks import TaskSpec, contrastive_sum, format_score, retrieval_scores
 
 
 def reference_supcon(z, keys, temperature):
@@ -79,6 +79,15 @@ def test_regression_loss_is_on_standardised_targets_and_skips_missing_labels():
     assert guess["rmse"] == pytest.approx(math.sqrt((49 / 9 + 25 / 9 + 4 / 9) / 3))
     assert math.isnan(spec.scores(torch.ones(2), torch.ones(2))["r2"])  # no spread to explain
     assert spec.out_dim(8) == 1 and TaskSpec(kind="retrieve").out_dim(8) == 8
+    small = torch.tensor([0.1, 0.3, 0.2])  # a spread under 1 still has an R²
+    assert spec.scores(small, small)["r2"] == pytest.approx(1.0)
+
+
+def test_label_dtypes_and_table_formats():
+    assert TaskSpec(kind="regress").dtype() == torch.float32
+    assert TaskSpec().dtype() == TaskSpec(kind="retrieve").dtype() == torch.long
+    assert format_score("r2", 0.5) == "0.500" and format_score("mae", 1.25) == "1.250"
+    assert format_score("accuracy", 0.5) == "50.0%" and format_score("recall@1", 1.0) == "100.0%"
 
 
 def test_classification_loss_prediction_and_accuracy_skip_missing_labels():
