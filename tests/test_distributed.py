@@ -27,6 +27,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def run_launcher(command, env, tries: int = 2):
+    """Run a torchrun command (a function giving it, with a fresh port each call) to the end. A port taken between
+    free_port() and the launch gets one retry; a failure shows the launcher's stderr, which capture_output hides."""
+    for _ in range(tries):
+        done = subprocess.run(command(), env=env, capture_output=True, text=True)
+        if done.returncode == 0 or "address already in use" not in done.stderr.lower():
+            break
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
 def losses(run_dir):
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [r["loss"] for r in rows if "loss" in r]
@@ -76,7 +87,7 @@ def test_an_fsdp_run_killed_after_its_second_save_resumes_with_the_same_losses(b
         run = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}"]
         return [*run, "-m", "mmalign.cli", "train", str(tmp_path / f"{name}.yaml"), *extra]
 
-    subprocess.run(launch("straight"), check=True, env=env, capture_output=True)
+    run_launcher(lambda: launch("straight"), env)
     proc = subprocess.Popen(launch("killed"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while _saved_step(runs["killed"]) < 4 and proc.poll() is None and time.time() < deadline:
