@@ -143,8 +143,7 @@ class ClassifierObjective(Objective):
 
     def losses(self, batch: dict) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
         out = self.model(batch["media"], batch["present"], list(batch["labels"]))
-        specs = self.model.specs
-        sums = {t: specs[t].loss(out["outputs"][t], y.to(out["outputs"][t].device)) for t, y in batch["labels"].items()}
+        sums = {t: self.model.specs[t].loss(out["outputs"][t], y) for t, y in batch["labels"].items()}
         return sums, out["shared"]
 
     def forward(self, batch: dict, window: dict[str, int]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
