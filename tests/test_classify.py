@@ -63,6 +63,14 @@ def test_classifier_learns_both_single_modality_tasks_and_reloads(data, tmp_path
     assert {"weight_colour", "weight_mix", "weight_pitch"} <= set(log[-2])  # the weighting is logged
     reloaded = load_classifier(tmp_path / "run")
     assert accuracy(reloaded, objective.val_data) == acc
+    # A run folder from before task kinds keeps classes.json instead of tasks.json: it loads as classifiers.
+    specs = json.loads((tmp_path / "run" / "tasks.json").read_text())
+    (tmp_path / "run" / "classes.json").write_text(json.dumps({t: d["classes"] for t, d in specs.items()}))
+    (tmp_path / "run" / "tasks.json").unlink()
+    old = load_classifier(tmp_path / "run")
+    expected = {t: ("classify", d["classes"]) for t, d in specs.items()}
+    assert {t: (s.kind, s.classes) for t, s in old.specs.items()} == expected
+    assert accuracy(old, objective.val_data) == acc
 
 
 def test_regression_and_retrieval_heads_need_both_inputs_and_reload(data, tmp_path):

@@ -109,7 +109,7 @@ def task_specs(path: str | Path, kinds: dict[str, str] | None = None,
         raise ValueError(f'{path}: no record has `labels`; expected e.g. {{"labels": {{"mood": "happy"}}}}')
     specs = {}
     for task, seen in sorted(values.items()):
-        spec = TaskSpec(kind=kinds.get(task, "classify"), temperature=temperatures.get(task, 0.1))
+        spec = TaskSpec(kind=kinds.get(task, "classify"), temperature=temperatures.get(task, TaskSpec.temperature))
         if spec.kind == "classify":
             spec.classes = sorted({str(v) for v in seen})
         elif spec.kind == "regress":
