@@ -107,5 +107,9 @@ def test_the_shipped_curriculum_loads_and_names_every_stage_group():
 
     cfg = load_recipe("onellm_curriculum")
     assert [s.name for s in cfg.stages] == ["image", "video-audio-point", "depth-imu-signal", "instruct"]
-    assert cfg.stages[-1].trainable == ["tokenizer", "connector", "llm"]
+    others = ["video", "audio", "point", "depth", "imu", "signal"]
+    assert cfg.stages[-1].trainable == [f"tokenizer.{m}" for m in others] + ["connector", "llm"]
+    # The image tokenizer is the universal tower's own patch embedding: no stage moves it.
+    assert not any("tokenizer.image" in s.trainable or "tokenizer" in s.trainable for s in cfg.stages)
+    assert cfg.model.onellm.queries == "pooled"
     assert set(cfg.model.media) == {"image", "video", "audio", "point", "depth", "imu", "signal"}

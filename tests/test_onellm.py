@@ -180,3 +180,24 @@ def test_a_modality_without_a_tokenizer_is_refused(shapes, monkeypatch):
     cfg = ModelConfig(family="onellm", media={"plain": MediaConfig()}, llm=LLMConfig(tokenizer=shapes["tokenizer"]))
     with pytest.raises(ConfigError, match="plain modality registers no onellm tokenizer"):
         build_model(cfg)
+
+
+def test_pooled_queries_start_from_their_own_stretch_of_the_input():
+    """`queries="pooled"`: query i is its learned vector plus the mean of the i-th run of input tokens, so a change
+    to one end of the input reaches the queries that read that end, and no others."""
+    torch.manual_seed(0)
+    upm = UniversalProjection(8, 6, ["a"], num_queries=3, heads=2, queries="pooled").eval()
+    p = upm.modal["a"]
+    feats = torch.randn(2, 6, 8)
+    x = upm._inputs("a", feats)
+    tokens = p.proj_in(feats)
+    by_hand = torch.stack([tokens[:, 2 * i : 2 * i + 2].mean(1) for i in range(3)], 1) + p.queries
+    assert torch.allclose(x[:, :3], by_hand, atol=1e-6) and torch.equal(x[:, 3:], tokens)
+    moved = feats.clone()
+    moved[:, -1] += 5.0
+    delta = (upm._inputs("a", moved) - x)[:, :3].abs().amax((0, 2))
+    assert delta[2] > 0.1 and torch.equal(delta[:2], torch.zeros(2))
+    learned = UniversalProjection(8, 6, ["a"], num_queries=3, heads=2).eval()
+    assert torch.equal(learned._inputs("a", feats)[:, :3], learned.modal["a"].queries.expand(2, -1, -1))
+    with pytest.raises(ValueError, match="queries='mean'"):
+        UniversalProjection(8, 6, ["a"], queries="mean")

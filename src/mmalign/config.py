@@ -151,6 +151,11 @@ class OneLLMConfig:
         "what the router reads: each query plus the mean input token (weights follow the input, as the paper) | "
         "the bare queries (one set of weights per modality, as OneLLM's released code)",
     )
+    queries: Literal["learned", "pooled"] = _f(
+        "learned",
+        "query tokens: learned vectors alone (OneLLM) | learned plus the mean of their own stretch of input tokens "
+        "(adaptive average pooling), so each query starts out reading one place or moment of the input",
+    )
 
 
 @dataclass

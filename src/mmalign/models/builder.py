@@ -177,6 +177,7 @@ def build_onellm(cfg: ModelConfig, tokenizer) -> OneLLMLM:
         router_hidden=oc.router_hidden,
         router=oc.router,
         route_on=oc.route_on,
+        queries=oc.queries,
     )
     ids = {m: tokenizer.convert_tokens_to_ids(text) for m, text in placeholders(cfg).items()}
     return OneLLMLM(tokenizers=tokenizers, universal=universal, upm=upm, llm=llm, media_token_ids=ids)

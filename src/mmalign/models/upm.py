@@ -19,6 +19,7 @@ from torch import nn
 
 ROUTERS = ("softmax", "sigmoid")
 ROUTE_ON = ("tokens", "queries")
+QUERY_INIT = ("learned", "pooled")
 
 
 class ModalityProjection(nn.Module):
@@ -48,13 +49,16 @@ class UniversalProjection(nn.Module):
         router_hidden: int = 0,
         router: str = "softmax",
         route_on: str = "tokens",
+        queries: str = "learned",
     ):
         super().__init__()
         if router not in ROUTERS:
             raise ValueError(f"router={router!r}: choose one of {', '.join(ROUTERS)}")
         if route_on not in ROUTE_ON:
             raise ValueError(f"route_on={route_on!r}: choose one of {', '.join(ROUTE_ON)}")
-        self.router_kind, self.route_on = router, route_on
+        if queries not in QUERY_INIT:
+            raise ValueError(f"queries={queries!r}: choose one of {', '.join(QUERY_INIT)}")
+        self.router_kind, self.route_on, self.query_init = router, route_on, queries
         self.num_queries = num_queries
         # Bidirectional pre-norm blocks (OneLLM's experts are LLaMA blocks without a causal mask).
         self.experts = nn.ModuleList(
@@ -76,8 +80,13 @@ class UniversalProjection(nn.Module):
 
     def _inputs(self, modality: str, feats: torch.Tensor) -> torch.Tensor:
         p = self.modal[modality]
+        tokens = p.proj_in(feats)
         queries = p.queries.expand(len(feats), -1, -1).to(feats.dtype)
-        return torch.cat([queries, p.proj_in(feats)], dim=1)  # (items, Q + N, dim)
+        if self.query_init == "pooled":
+            # Query i starts from the mean of the i-th run of input tokens, so each query begins reading its own
+            # stretch of the input instead of the whole of it.
+            queries = queries + nn.functional.adaptive_avg_pool1d(tokens.transpose(1, 2), self.num_queries).mT
+        return torch.cat([queries, tokens], dim=1)  # (items, Q + N, dim)
 
     def route(self, modality: str, x: torch.Tensor) -> torch.Tensor:
         """The experts' input [queries; tokens] (items, Q + N, dim) -> (items, Q, experts) mixing weights, each row
