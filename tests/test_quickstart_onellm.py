@@ -17,7 +17,7 @@ from mmalign.quickstart_onellm import run_onellm_quickstart
 @pytest.mark.slow
 def test_onellm_quickstart_runs_the_curriculum_and_reports_every_modality(tmp_path):
     console = Console(record=True, width=200)
-    sizes = dict(n_train=24, n_test=3, vision_steps=10, lm_steps=20, epochs=1)
+    sizes = dict(n_train=24, n_test=3, vision_steps=10, lm_steps=20, bind_steps=5, epochs=1)
     result = run_onellm_quickstart(tmp_path / "out", tmp_path / "data", **sizes, compare=True, progress=False,
                                    console=console)  # fmt: skip
     modalities = synthetic_modalities()

@@ -151,6 +151,11 @@ class OneLLMConfig:
         "what the router reads: each query plus the mean input token (weights follow the input, as the paper) | "
         "the bare queries (one set of weights per modality, as OneLLM's released code)",
     )
+    tokenizers: str | None = _f(
+        None,
+        "a folder of <modality>.safetensors tokenizer weights to start from (the onellm quickstart's stage 0 binds "
+        "each tokenizer to text and writes base/tokenizers); modalities without a file start random",
+    )
     queries: Literal["learned", "pooled"] = _f(
         "learned",
         "query tokens: learned vectors alone (OneLLM) | learned plus the mean of their own stretch of input tokens "

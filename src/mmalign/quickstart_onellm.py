@@ -29,9 +29,11 @@ def multimodal_data(folder: Path, n_train: int, n_test: int, seed: int, console:
     return files
 
 
-def stage0(folder: Path, files: dict, out: Path, *, vision_steps: int, lm_steps: int, seed: int, console, progress):
-    """The universal encoder's start (an image tower aligned by LiT to the locked MiniLM on the image captions)
-    and a tiny LM pretrained on every modality's text, with the data's word-level tokenizer."""
+def stage0(folder: Path, files: dict, out: Path, *, vision_steps: int, lm_steps: int, bind_steps: int, seed: int,
+           console, progress):  # fmt: skip
+    """The universal encoder's start (an image tower aligned by LiT to the locked MiniLM on the image captions),
+    every other modality's tokenizer bound to text through that frozen tower, and a tiny LM pretrained on every
+    modality's text, with the data's word-level tokenizer."""
     from mmalign.contrastive.train import train_lit
     from mmalign.train.pretrain import pretrain_lm
 
@@ -40,11 +42,16 @@ def stage0(folder: Path, files: dict, out: Path, *, vision_steps: int, lm_steps:
     shutil.copytree(lit["image_encoder"], out / "encoder", dirs_exist_ok=True)
     recall = lit["retrieval"]["image_to_text_R@1"]
     console.print(f"image tower (LiT, {lit['pairs']} pairs): held-out image-to-text R@1 {recall:.0%}")
+    from mmalign.contrastive.tokenizers import bind_tokenizers
+
+    others = {m: f["captions"] for m, f in files.items() if m != "image"}
+    bind_tokenizers(out / "encoder", others, folder, out / "tokenizers", steps=bind_steps, seed=seed, console=console,
+                    progress=progress)  # fmt: skip
     texts = [f[k] for f in files.values() for k in ("captions", "conversations")]
     lm = pretrain_lm(texts, folder / "tokenizer", out / "lm", steps=lm_steps, seed=seed, console=console,
                      progress=progress)  # fmt: skip
     console.print(f"LM: loss {lm['first_loss']:.2f} -> {lm['last_loss']:.2f}")
-    return {"encoder": out / "encoder", "lm": out / "lm"}
+    return {"encoder": out / "encoder", "lm": out / "lm", "tokenizers": out / "tokenizers"}
 
 
 def curriculum_recipe(recipe: str, folder: Path, base: dict, out: Path, seed: int, progress: bool, epochs=None):
@@ -54,6 +61,7 @@ def curriculum_recipe(recipe: str, folder: Path, base: dict, out: Path, seed: in
         [
             f"model.llm.path={base['lm']}",
             f"model.onellm.encoder.path={base['encoder']}",
+            f"model.onellm.tokenizers={base['tokenizers']}",
             f"data.image_folder={folder}",
             f"train.out_dir={out}",
             f"train.seed={seed}",
@@ -170,6 +178,7 @@ def run_onellm_quickstart(
     n_test: int = 100,
     vision_steps: int = 600,
     lm_steps: int = 400,
+    bind_steps: int = 300,
     epochs: float | None = None,
     limit: int | None = None,
     compare: bool = False,
@@ -186,9 +195,10 @@ def run_onellm_quickstart(
     out, folder = Path(out), Path(data_dir)
     start = time.time()
     files = multimodal_data(folder, n_train, n_test, seed, console, progress)
-    console.print("[bold]stage 0[/]: the image tower that becomes the universal encoder, and the LM")
-    base = stage0(folder, files, out / "base", vision_steps=vision_steps, lm_steps=lm_steps, seed=seed,
-                  console=console, progress=progress)  # fmt: skip
+    console.print("[bold]stage 0[/]: the image tower that becomes the universal encoder, each other modality's "
+                  "tokenizer bound to text through it, and the LM")  # fmt: skip
+    base = stage0(folder, files, out / "base", vision_steps=vision_steps, lm_steps=lm_steps, bind_steps=bind_steps,
+                  seed=seed, console=console, progress=progress)  # fmt: skip
     cfg = curriculum_recipe(recipe, folder, base, out / "curriculum", seed, progress, epochs)
     summaries = run_curriculum(cfg, console=console)
     train_seconds = time.time() - start

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from torch import nn
 
 from mmalign.config import ConfigError, MediaConfig, ModelConfig
@@ -155,6 +157,20 @@ def build_flamingo(cfg: ModelConfig, tokenizer) -> FlamingoLM:
     )  # fmt: skip
 
 
+def load_tokenizers(tokenizers: dict[str, nn.Module], folder: Path) -> None:
+    """Start each tokenizer from folder/<modality>.safetensors where there is one."""
+    from safetensors.torch import load_file
+
+    if not folder.is_dir():
+        raise ConfigError(f"model.onellm.tokenizers={str(folder)!r} is not a folder (of <modality>.safetensors)")
+    for m, module in tokenizers.items():
+        if (folder / f"{m}.safetensors").is_file():
+            try:
+                module.load_state_dict(load_file(str(folder / f"{m}.safetensors")))
+            except RuntimeError as e:
+                raise ConfigError(f"{folder / m}.safetensors does not fit the {m} tokenizer: {e}") from None
+
+
 @register_family("onellm")
 def build_onellm(cfg: ModelConfig, tokenizer) -> OneLLMLM:
     """OneLLM-style: per modality its registered tokenizer, one universal encoder (model.onellm.encoder) and the
@@ -166,6 +182,8 @@ def build_onellm(cfg: ModelConfig, tokenizer) -> OneLLMLM:
     universal = ENCODERS.build(enc.name, path=enc.path, preset=enc.preset, config=enc.config,
                                feature_layer=enc.feature_layer, keep_cls=enc.keep_cls)  # fmt: skip
     tokenizers = {m: get_modality(m).tokenizer(universal, dict(media.tokenizer)) for m, media in cfg.media.items()}
+    if oc.tokenizers:
+        load_tokenizers(tokenizers, Path(oc.tokenizers))
     upm = UniversalProjection(
         universal.hidden_size,
         llm.get_input_embeddings().embedding_dim,

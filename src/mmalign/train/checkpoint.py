@@ -153,6 +153,8 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
         raise FileNotFoundError(f"{path} is not an mmalign checkpoint (no {MODEL_CONFIG})")
     cfg = read_model_config(path)
     cfg.llm.tokenizer = str(path / "tokenizer")
+    if cfg.family == "onellm":  # the checkpoint holds every tokenizer: their starting weights need not exist now
+        cfg.onellm.tokenizers = None
     model, tokenizer = build_model(cfg)
     load_weights(model, path, required=set(model.param_groups()) - reloadable_groups(cfg))
     return model.to(device).eval(), tokenizer, cfg

