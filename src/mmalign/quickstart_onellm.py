@@ -34,6 +34,7 @@ def stage0(folder: Path, files: dict, out: Path, *, vision_steps: int, lm_steps:
     """The universal encoder's start (an image tower aligned by LiT to the locked MiniLM on the image captions),
     every other modality's tokenizer bound to text through that frozen tower, and a tiny LM pretrained on every
     modality's text, with the data's word-level tokenizer."""
+    from mmalign.contrastive.tokenizers import bind_tokenizers
     from mmalign.contrastive.train import train_lit
     from mmalign.train.pretrain import pretrain_lm
 
@@ -42,8 +43,6 @@ def stage0(folder: Path, files: dict, out: Path, *, vision_steps: int, lm_steps:
     shutil.copytree(lit["image_encoder"], out / "encoder", dirs_exist_ok=True)
     recall = lit["retrieval"]["image_to_text_R@1"]
     console.print(f"image tower (LiT, {lit['pairs']} pairs): held-out image-to-text R@1 {recall:.0%}")
-    from mmalign.contrastive.tokenizers import bind_tokenizers
-
     others = {m: f["captions"] for m, f in files.items() if m != "image"}
     bind_tokenizers(out / "encoder", others, folder, out / "tokenizers", steps=bind_steps, seed=seed, console=console,
                     progress=progress)  # fmt: skip

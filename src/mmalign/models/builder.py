@@ -164,11 +164,12 @@ def load_tokenizers(tokenizers: dict[str, nn.Module], folder: Path) -> None:
     if not folder.is_dir():
         raise ConfigError(f"model.onellm.tokenizers={str(folder)!r} is not a folder (of <modality>.safetensors)")
     for m, module in tokenizers.items():
-        if (folder / f"{m}.safetensors").is_file():
+        path = folder / f"{m}.safetensors"
+        if path.is_file():
             try:
-                module.load_state_dict(load_file(str(folder / f"{m}.safetensors")))
+                module.load_state_dict(load_file(str(path)))
             except RuntimeError as e:
-                raise ConfigError(f"{folder / m}.safetensors does not fit the {m} tokenizer: {e}") from None
+                raise ConfigError(f"{path} does not fit the {m} tokenizer: {e}") from None
 
 
 @register_family("onellm")
