@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
+import yaml
 from rich.console import Console
 from safetensors.torch import load_file
 
@@ -42,3 +44,43 @@ def test_onellm_quickstart_runs_the_curriculum_and_reports_every_modality(tmp_pa
     saved = load_file(f"{twin['checkpoint']}/model.safetensors")
     assert any(k.startswith("encoders.video.") for k in saved)
     assert not any(k.startswith("encoders.image.") for k in saved)  # the frozen tower reloads from its path
+
+
+@pytest.mark.slow
+def test_onellm_quickstart_on_a_pretrained_siglip_tower(tmp_path):
+    """`--encoder PATH`: a Hugging Face SigLIP tower (no CLS token, its own normalisation) replaces stage 0's LiT
+    tower as the universal encoder; every tokenizer binds through it and the curriculum trains on top of it."""
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    from helpers import TINY_VISION
+
+    torch.manual_seed(0)
+    tower = SiglipVisionModel(SiglipVisionConfig(**TINY_VISION))
+    tower.save_pretrained(tmp_path / "siglip")
+    console = Console(record=True, width=200)
+    sizes = dict(n_train=12, n_test=2, lm_steps=10, bind_steps=3, epochs=1, limit=2)
+    result = run_onellm_quickstart(tmp_path / "out", tmp_path / "data", encoder=tmp_path / "siglip", **sizes,
+                                   progress=False, console=console)  # fmt: skip
+    assert set(result["modalities"]) == set(synthetic_modalities())
+    assert not (tmp_path / "out" / "base" / "contrastive").exists()  # no LiT
+    assert "siglip tower" in console.export_text()
+    config = yaml.safe_load((tmp_path / "out" / "curriculum" / "4-instruct" / "model_config.yaml").read_text())
+    universal = config["onellm"]["encoder"]
+    assert universal["name"] == "siglip" and universal["path"] == str(tmp_path / "siglip") and not universal["keep_cls"]
+    # The universal encoder stayed the given tower: frozen in every stage.
+    saved = load_file(f"{result['checkpoint']}/model.safetensors")
+    assert not any(k.startswith("universal.") for k in saved)
+
+
+def test_cli_checks_the_encoder_before_running(tmp_path):
+    from typer.testing import CliRunner
+
+    from mmalign.cli import app
+
+    runner = CliRunner()
+    (tmp_path / "llama").mkdir()
+    (tmp_path / "llama" / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    out = runner.invoke(app, ["quickstart", "--family", "onellm", "--encoder", str(tmp_path / "llama")])
+    assert out.exit_code == 2 and "not a CLIP or SigLIP" in out.output
+    out = runner.invoke(app, ["quickstart", "--encoder", str(tmp_path / "llama")])
+    assert out.exit_code == 2 and "--family onellm" in out.output

@@ -74,6 +74,11 @@ def quickstart(
         help="--family onellm: also run the same curriculum with the projector family (one encoder and MLP per "
         "modality, same data and budget) and print both side by side.",
     ),
+    encoder: Path = typer.Option(
+        None,
+        help="--family onellm: a pretrained Hugging Face CLIP or SigLIP vision tower (a folder with config.json and "
+        "weights, e.g. from save_pretrained) as the universal encoder, in place of stage 0's LiT image tower.",
+    ),
     seed: int = typer.Option(0, help="Seed for data, initialisation and order."),
     progress: bool = typer.Option(True, help="Show progress bars."),
 ) -> None:
@@ -95,13 +100,21 @@ def quickstart(
     from mmalign.quickstart import check_family, run_quickstart
 
     if family == "onellm":
+        from mmalign.models.encoders import tower_family
         from mmalign.quickstart_onellm import run_onellm_quickstart
 
         if data:
             raise typer.BadParameter("--family onellm runs on the embedded multimodal data; --data is not read")
+        if encoder is not None:
+            try:
+                tower_family(encoder)
+            except (OSError, ValueError) as err:
+                raise typer.BadParameter(str(err), param_hint="--encoder") from None
         out = Path("runs/quickstart_onellm") if out == Path("runs/quickstart") else out
-        run_onellm_quickstart(out, compare=compare, seed=seed, progress=progress, console=console)
+        run_onellm_quickstart(out, encoder=encoder, compare=compare, seed=seed, progress=progress, console=console)
         return
+    if encoder is not None:
+        raise typer.BadParameter("--encoder sets the onellm family's universal encoder: use it with --family onellm")
     if dataset not in ("shapes", "glyphs"):
         raise typer.BadParameter(f"unknown dataset {dataset!r}; embedded: shapes, glyphs")
     try:

@@ -30,36 +30,46 @@ def multimodal_data(folder: Path, n_train: int, n_test: int, seed: int, console:
 
 
 def stage0(folder: Path, files: dict, out: Path, *, vision_steps: int, lm_steps: int, bind_steps: int, seed: int,
-           console, progress):  # fmt: skip
-    """The universal encoder's start (an image tower aligned by LiT to the locked MiniLM on the image captions),
-    every other modality's tokenizer bound to text through that frozen tower, and a tiny LM pretrained on every
-    modality's text, with the data's word-level tokenizer."""
+           console, progress, encoder: Path | None = None):  # fmt: skip
+    """The universal encoder's start (`encoder`, a pretrained CLIP or SigLIP tower, or else an image tower aligned
+    by LiT to the locked MiniLM on the image captions), every other modality's tokenizer bound to text through that
+    frozen tower, and a tiny LM pretrained on every modality's text, with the data's word-level tokenizer."""
     from mmalign.contrastive.tokenizers import bind_tokenizers
     from mmalign.contrastive.train import train_lit
+    from mmalign.models.encoders import tower_family
     from mmalign.train.pretrain import pretrain_lm
 
-    lit = train_lit(files["image"]["captions"], out / "contrastive", image_folder=folder, steps=vision_steps,
-                    seed=seed, console=console, progress=progress)  # fmt: skip
-    shutil.copytree(lit["image_encoder"], out / "encoder", dirs_exist_ok=True)
-    recall = lit["retrieval"]["image_to_text_R@1"]
-    console.print(f"image tower (LiT, {lit['pairs']} pairs): held-out image-to-text R@1 {recall:.0%}")
+    if encoder is None:
+        lit = train_lit(files["image"]["captions"], out / "contrastive", image_folder=folder, steps=vision_steps,
+                        seed=seed, console=console, progress=progress)  # fmt: skip
+        encoder = out / "encoder"
+        shutil.copytree(lit["image_encoder"], encoder, dirs_exist_ok=True)
+        recall = lit["retrieval"]["image_to_text_R@1"]
+        console.print(f"image tower (LiT, {lit['pairs']} pairs): held-out image-to-text R@1 {recall:.0%}")
+    else:
+        console.print(f"image tower: the {tower_family(encoder)} tower at {encoder} (no LiT)")
     others = {m: f["captions"] for m, f in files.items() if m != "image"}
-    bind_tokenizers(out / "encoder", others, folder, out / "tokenizers", steps=bind_steps, seed=seed, console=console,
+    bind_tokenizers(encoder, others, folder, out / "tokenizers", steps=bind_steps, seed=seed, console=console,
                     progress=progress)  # fmt: skip
     texts = [f[k] for f in files.values() for k in ("captions", "conversations")]
     lm = pretrain_lm(texts, folder / "tokenizer", out / "lm", steps=lm_steps, seed=seed, console=console,
                      progress=progress)  # fmt: skip
     console.print(f"LM: loss {lm['first_loss']:.2f} -> {lm['last_loss']:.2f}")
-    return {"encoder": out / "encoder", "lm": out / "lm", "tokenizers": out / "tokenizers"}
+    return {"encoder": Path(encoder), "lm": out / "lm", "tokenizers": out / "tokenizers"}
 
 
 def curriculum_recipe(recipe: str, folder: Path, base: dict, out: Path, seed: int, progress: bool, epochs=None):
     """The shipped curriculum pointed at this run's data, stage-0 parts and output folder."""
+    from mmalign.models.encoders import tower_family
+
+    family = tower_family(base["encoder"])
     cfg = load_recipe(
         recipe,
         [
             f"model.llm.path={base['lm']}",
+            f"model.onellm.encoder.name={family}",
             f"model.onellm.encoder.path={base['encoder']}",
+            f"model.onellm.encoder.keep_cls={str(family == 'clip').lower()}",  # a SigLIP tower has no CLS token
             f"model.onellm.tokenizers={base['tokenizers']}",
             f"data.image_folder={folder}",
             f"train.out_dir={out}",
@@ -84,9 +94,10 @@ def projector_twin(cfg, encoder: Path, out: Path):
     twin = copy.deepcopy(cfg)
     twin.model.family = "projector"
     fresh = EncoderConfig(name="modality-transformer", config={"dim": 64, "depth": 2, "heads": 4})
+    image = EncoderConfig(name=cfg.model.onellm.encoder.name, path=str(encoder), feature_layer=-2)
     twin.model.media = {
         m: MediaConfig(
-            encoder=EncoderConfig(name="clip", path=str(encoder), feature_layer=-2) if m == "image" else fresh,
+            encoder=image if m == "image" else fresh,
             connector=ConnectorConfig("mlp2x_gelu"),
         )
         for m in cfg.model.media
@@ -178,6 +189,7 @@ def run_onellm_quickstart(
     vision_steps: int = 600,
     lm_steps: int = 400,
     bind_steps: int = 300,
+    encoder: str | Path | None = None,
     epochs: float | None = None,
     limit: int | None = None,
     compare: bool = False,
@@ -185,7 +197,8 @@ def run_onellm_quickstart(
     progress: bool = True,
     console: Console | None = None,
 ) -> dict:
-    """Data, stage 0, the curriculum, and the per-modality table; with `compare`, the same curriculum for the
+    """Data, stage 0, the curriculum, and the per-modality table; `encoder` (a Hugging Face CLIP or SigLIP vision
+    tower's folder) replaces stage 0's LiT tower as the universal encoder; with `compare`, the same curriculum for the
     projector family on the same stage 0, and a side-by-side table. The size arguments shrink the run (tests use
     them); the defaults are what the README reports."""
     from mmalign.train.curriculum import run_curriculum
@@ -197,7 +210,7 @@ def run_onellm_quickstart(
     console.print("[bold]stage 0[/]: the image tower that becomes the universal encoder, each other modality's "
                   "tokenizer bound to text through it, and the LM")  # fmt: skip
     base = stage0(folder, files, out / "base", vision_steps=vision_steps, lm_steps=lm_steps, bind_steps=bind_steps,
-                  seed=seed, console=console, progress=progress)  # fmt: skip
+                  seed=seed, console=console, progress=progress, encoder=encoder and Path(encoder))  # fmt: skip
     cfg = curriculum_recipe(recipe, folder, base, out / "curriculum", seed, progress, epochs)
     summaries = run_curriculum(cfg, console=console)
     train_seconds = time.time() - start

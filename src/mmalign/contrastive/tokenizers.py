@@ -26,7 +26,7 @@ from mmalign.contrastive.model import TextTower, minilm_path
 from mmalign.contrastive.train import _distinct_batch
 from mmalign.data.pairs import read_pairs
 from mmalign.modalities.base import get_modality
-from mmalign.models.encoders import clip_encoder
+from mmalign.models.encoders import load_tower
 
 
 def bind_tokenizer(universal: nn.Module, modality: str, tokenizer: nn.Module, media: torch.Tensor, texts: list[str],
@@ -66,7 +66,7 @@ def bind_tokenizers(encoder: str | Path, captions: dict[str, str | Path], folder
     console = console or Console()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    universal = clip_encoder(path=str(encoder)).eval().requires_grad_(False)
+    universal = load_tower(encoder).eval().requires_grad_(False)
     text = TextTower.from_path(minilm_path()).eval().requires_grad_(False)
     results = {}
     for m, path in captions.items():

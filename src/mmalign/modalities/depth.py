@@ -1,5 +1,6 @@
 """The depth modality: a single-channel depth map in metres, resized to a fixed size, scaled by a maximum depth
-and tokenised patch by patch.
+and tokenised patch by patch (in the onellm family by the universal image tower's own patch embedding, as OneLLM
+feeds depth maps to CLIP's conv1).
 
 Loads a .npy float array (H, W) in metres, a 16-bit PNG in millimetres (the Kinect / NYU / TUM convention), PNG
 or .npy bytes, and an in-memory float array (H, W). Zeros are allowed (sensors write 0 where they have no reading),
@@ -11,6 +12,7 @@ object is nearer (left, right) and the shape of the nearer one (circle, square).
 
 from __future__ import annotations
 
+import copy
 import io
 import random
 from pathlib import Path
@@ -133,7 +135,37 @@ class DepthTokenizer(nn.Module):
         return torch.cat([self.cls.expand(len(x), -1, -1), x], dim=1) + self.pos
 
 
-def depth_tokenizer(universal, settings: dict) -> DepthTokenizer:
+class TowerDepthTokenizer(nn.Module):
+    """The onellm family's depth tokenizer over an image tower: the map drawn as a grey image, near bright (as
+    ImageBind feeds disparity rather than depth), through a copy of the tower's own patch embedding with its class
+    token and positions (OneLLM's CLIP conv1). Depth then starts where the tower already sees shapes and sides;
+    a fresh convolution with fresh positions left the frozen tower blind to which side is near.
+    (items, 1, size, size) -> (items, num_tokens, width), size and tokens those of the tower."""
+
+    def __init__(self, universal, *, max_depth: float = 10.0):
+        super().__init__()
+        if not max_depth > 0:
+            raise ValueError(f"depth tokenizer: max_depth must be positive (metres), got {max_depth!r}")
+        self.embeddings = copy.deepcopy(universal._body().embeddings)
+        self.size, self.max_depth = universal.image_size, float(max_depth)
+        self.hidden_size = universal.hidden_size
+        self.num_tokens = (self.size // universal.patch_size) ** 2 + int(universal.has_cls)
+        # One grey level per channel, normalised as the tower normalises images.
+        self.register_buffer("mean", torch.tensor(universal.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(universal.std).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, depth: torch.Tensor) -> torch.Tensor:
+        if depth.ndim != 4 or tuple(depth.shape[1:]) != (1, self.size, self.size):
+            raise ValueError(f"depth tokenizer expects (items, 1, {self.size}, {self.size}), got {depth.shape}")
+        grey = torch.where(depth > 0, 1.0 - depth, 0.0)  # a missing reading (0) is dark, not nearest
+        return self.embeddings((grey - self.mean) / self.std)
+
+
+def depth_tokenizer(universal, settings: dict) -> nn.Module:
+    """Over an image tower (the onellm family's universal encoder): `TowerDepthTokenizer`, settings `max_depth`.
+    Otherwise (e.g. inside the projector family's modality transformer): a fresh `DepthTokenizer`."""
+    if hasattr(universal, "_body"):
+        return TowerDepthTokenizer(universal, **settings)
     return DepthTokenizer(universal.hidden_size, **settings)
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageSequence, UnidentifiedImageError
 from torch import nn
 
@@ -236,7 +237,70 @@ class VideoTokenizer(nn.Module):
         return torch.cat([self.cls.expand(len(x), -1, -1), x], dim=1) + self.pos
 
 
-def video_tokenizer(universal, settings: dict) -> VideoTokenizer:
+class TowerVideoTokenizer(nn.Module):
+    """The onellm family's video tokenizer over an image tower: the tubelet embedding started from the tower's own
+    patch embedding (its 2-D kernel spread evenly over the tubelet's frames, I3D's inflation, so a still clip gives
+    each frame's image tokens), the tower's class token, the tower's positions resampled to the frame's grid, and a
+    learned position per time step (starting at zero) so the order of frames is visible. Frames are resized to
+    `size` (default: 4 patches of the tower, 32 pixels for the embedded tower).
+    (items, num_frames, 3, size, size) -> (items, 1 + (num_frames / tubelet) * (size / patch) ** 2, width)."""
+
+    def __init__(self, universal, *, num_frames: int = 8, size: int | None = None, tubelet: int = 2):
+        super().__init__()
+        patch = universal.patch_size
+        size = 4 * patch if size is None else size  # a 4 x 4 grid per time step, whatever the tower's patch
+        for key, value in dict(num_frames=num_frames, size=size, tubelet=tubelet).items():
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"video tokenizer: {key} must be a positive integer, got {value!r}")
+        if num_frames % tubelet:
+            raise ValueError(f"video tokenizer: num_frames={num_frames} is not a multiple of tubelet={tubelet}")
+        if size % patch:
+            raise ValueError(f"video tokenizer: size={size} is not a multiple of the tower's patch size {patch}")
+        embeddings = universal._body().embeddings
+        conv = embeddings.patch_embedding
+        width = universal.hidden_size
+        self.num_frames, self.size, self.tubelet, self.patch = num_frames, size, tubelet, patch
+        self.mean, self.std = tuple(universal.mean), tuple(universal.std)
+        self.hidden_size = width
+        self.has_cls = universal.has_cls
+        steps, grid = num_frames // tubelet, size // patch
+        self.num_tokens = int(self.has_cls) + steps * grid**2
+        self.proj = nn.Conv3d(
+            3, width, (tubelet, patch, patch), stride=(tubelet, patch, patch), bias=conv.bias is not None
+        )
+        with torch.no_grad():
+            self.proj.weight.copy_(conv.weight.unsqueeze(2).expand(-1, -1, tubelet, -1, -1) / tubelet)
+            if conv.bias is not None:
+                self.proj.bias.copy_(conv.bias)
+        table = embeddings.position_embedding.weight.detach()  # (cls? + g * g, width)
+        cls_pos, spatial = table[: int(self.has_cls)], table[int(self.has_cls) :]
+        g = int(round(len(spatial) ** 0.5))
+        spatial = spatial.T.reshape(1, width, g, g)
+        if g != grid:
+            spatial = F.interpolate(spatial, size=(grid, grid), mode="bicubic", align_corners=False)
+        self.pos = nn.Parameter(spatial.reshape(width, grid * grid).T.clone())  # (grid * grid, width)
+        self.time = nn.Parameter(torch.zeros(steps, 1, width))
+        if self.has_cls:
+            self.cls = nn.Parameter((embeddings.class_embedding.detach() + cls_pos[0]).view(1, 1, width).clone())
+
+    def forward(self, video: torch.Tensor) -> torch.Tensor:
+        expected = (self.num_frames, 3, self.size, self.size)
+        if video.ndim != 5 or tuple(video.shape[1:]) != expected:
+            raise ValueError(f"video tokenizer expects (items, {', '.join(map(str, expected))}), got {video.shape}")
+        x = self.proj(video.transpose(1, 2))  # (items, width, steps, grid, grid)
+        x = x.flatten(3).permute(0, 2, 3, 1) + self.pos + self.time  # (items, steps, grid * grid, width)
+        x = x.flatten(1, 2)  # time-major
+        if self.has_cls:
+            x = torch.cat([self.cls.expand(len(x), -1, -1), x], dim=1)
+        return x
+
+
+def video_tokenizer(universal, settings: dict) -> nn.Module:
+    """Over an image tower (the onellm family's universal encoder): `TowerVideoTokenizer`, settings num_frames,
+    size, tubelet (the patch is the tower's). Otherwise (e.g. inside the projector family's modality transformer):
+    a fresh `VideoTokenizer`."""
+    if hasattr(universal, "_body"):
+        return TowerVideoTokenizer(universal, **settings)
     return VideoTokenizer(universal.hidden_size, **settings)
 
 

@@ -98,6 +98,30 @@ def read_image_norm(path: Path) -> dict:
     return {}
 
 
+TOWER_TYPES = {"clip": "clip", "clip_vision_model": "clip", "siglip": "siglip", "siglip_vision_model": "siglip"}
+
+
+def tower_family(path: str | Path) -> str:
+    """ "clip" or "siglip": which registered encoder reads the Hugging Face tower saved at `path` (its config's
+    model_type; a whole CLIP or SigLIP model counts, its vision half is read)."""
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        raise FileNotFoundError(f"{path}: no config.json; expected a Hugging Face CLIP or SigLIP (vision) model folder")
+    model_type = json.loads(config.read_text()).get("model_type")
+    if model_type not in TOWER_TYPES:
+        raise ValueError(
+            f"{path}: model_type {model_type!r} is not a CLIP or SigLIP vision tower (one of {sorted(TOWER_TYPES)})"
+        )
+    return TOWER_TYPES[model_type]
+
+
+def load_tower(path: str | Path, **kwargs) -> VisionEncoder:
+    """The CLIP or SigLIP tower saved at `path`, whichever it is."""
+    return _build(
+        tower_family(path), str(path), None, {}, kwargs.get("feature_layer", -2), kwargs.get("keep_cls", False)
+    )
+
+
 def _build(family: str, path: str | None, preset: str | None, config: dict, feature_layer: int, keep_cls: bool):
     from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
 
