@@ -16,7 +16,6 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
@@ -34,13 +33,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (a DataLoader worker uses one)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    universal = clip_encoder(preset="tiny-vit")  # the image tokenizer copies the tower's preprocessing
-    width = SimpleNamespace(hidden_size=64)
+    universal = clip_encoder(preset="tiny-vit")  # image, video and depth tokenizers take the tower's sizes
     print(f"{'modality':<8} {'format':<6} {'samples/s':>10} {'ms/sample':>10}  shape per item")
     with tempfile.TemporaryDirectory() as tmp:
         for name in synthetic_modalities():
             spec = get_modality(name)
-            tokenizer = spec.tokenizer(universal if name == "image" else width, {})
+            tokenizer = spec.tokenizer(universal, {})
             rng = random.Random(0)
             paths = []
             for i in range(args.items):

@@ -82,6 +82,20 @@ def test_grouped_batches_cut_padding_and_never_mix_modalities(base, shapes, tmp_
     assert padding_waste(grouped, lengths) < padding_waste(shuffled, lengths)
 
 
+def test_modality_grouping_keeps_batches_one_layout_and_the_draw_random(base, shapes, tmp_path):
+    data = {"train": mixed_records(shapes, tmp_path), "group_by_modality": True}
+    obj = LMObjective(recipe(base, shapes, tmp_path, batch_size=4, data=data))
+    lengths, groups = obj.train_ds.lengths()
+    batches = [obj.epoch_batches(obj.train_ds, epoch) for epoch in (0, 1)]
+    for grouped in batches:
+        assert sorted(i for b in grouped for i in b) == list(range(len(lengths)))
+        assert all(len({groups[i] for i in b}) == 1 for b in grouped)
+        # Not sorted by length: within a batch the order is the shuffle's, so lengths are not descending.
+        assert any(lengths[b[0]] < lengths[b[-1]] for b in grouped)
+    assert batches[0] != batches[1]  # a fresh draw each epoch
+    assert batches[0] == obj.epoch_batches(obj.train_ds, 0)  # and the same one on resume
+
+
 def test_a_grouped_packed_run_learns(base, shapes, tmp_path):
     data = {"train": mixed_records(shapes, tmp_path), "group_by_length": True, "pack_length": 1024}
     summary = train(recipe(base, shapes, tmp_path, max_steps=15, batch_size=4, data=data))

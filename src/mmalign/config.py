@@ -226,6 +226,11 @@ class DataConfig:
     group_by_length: bool = _f(
         False, "batch samples of similar token length and the same modalities together: less padding, same samples"
     )
+    group_by_modality: bool = _f(
+        False,
+        "every batch holds samples of one modality layout (all video, all audio+image, ...), drawn in random order "
+        "otherwise: one encoder call per batch instead of one per modality in it (group_by_length implies it)",
+    )
     pack_length: int = _f(
         0,
         "pack each batch's samples into rows of at most this many tokens (positions restart per sample, no attention "

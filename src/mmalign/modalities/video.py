@@ -193,6 +193,17 @@ def preprocess_video(frames: np.ndarray, encoder) -> torch.Tensor:
     return (x - mean) / std
 
 
+def check_tubelets(num_frames, size, tubelet, patch, patch_name: str) -> None:
+    """Settings a tubelet embedding can cut: positive integers, frames in whole tubelets, frames in whole patches."""
+    for key, value in dict(num_frames=num_frames, size=size, tubelet=tubelet, patch=patch).items():
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"video tokenizer: {key} must be a positive integer, got {value!r}")
+    if num_frames % tubelet:
+        raise ValueError(f"video tokenizer: num_frames={num_frames} is not a multiple of tubelet={tubelet}")
+    if size % patch:
+        raise ValueError(f"video tokenizer: size={size} is not a multiple of {patch_name} {patch}")
+
+
 class VideoTokenizer(nn.Module):
     """The onellm family's video tokenizer: a tubelet embedding (Conv3d with kernel = stride = (tubelet, patch,
     patch), as ViViT and ImageBind embed video) after a learned class token, with a learned position per
@@ -211,13 +222,7 @@ class VideoTokenizer(nn.Module):
         std: tuple[float, ...] = CLIP_STD,
     ):
         super().__init__()
-        for key, value in dict(num_frames=num_frames, size=size, tubelet=tubelet, patch=patch).items():
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"video tokenizer: {key} must be a positive integer, got {value!r}")
-        if num_frames % tubelet:
-            raise ValueError(f"video tokenizer: num_frames={num_frames} is not a multiple of tubelet={tubelet}")
-        if size % patch:
-            raise ValueError(f"video tokenizer: size={size} is not a multiple of patch={patch}")
+        check_tubelets(num_frames, size, tubelet, patch, "patch")
         if len(mean) != 3 or len(std) != 3:
             raise ValueError(f"video tokenizer: mean and std need 3 values (RGB), got {mean!r} and {std!r}")
         self.num_frames, self.size, self.tubelet, self.patch = num_frames, size, tubelet, patch
@@ -249,13 +254,7 @@ class TowerVideoTokenizer(nn.Module):
         super().__init__()
         patch = universal.patch_size
         size = 4 * patch if size is None else size  # a 4 x 4 grid per time step, whatever the tower's patch
-        for key, value in dict(num_frames=num_frames, size=size, tubelet=tubelet).items():
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"video tokenizer: {key} must be a positive integer, got {value!r}")
-        if num_frames % tubelet:
-            raise ValueError(f"video tokenizer: num_frames={num_frames} is not a multiple of tubelet={tubelet}")
-        if size % patch:
-            raise ValueError(f"video tokenizer: size={size} is not a multiple of the tower's patch size {patch}")
+        check_tubelets(num_frames, size, tubelet, patch, "the tower's patch size")
         embeddings = universal._body().embeddings
         conv = embeddings.patch_embedding
         width = universal.hidden_size

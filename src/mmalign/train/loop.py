@@ -177,8 +177,11 @@ class LMObjective(Objective):
         epoch and shard, so resume replays it."""
         cfg = self.cfg.train
         size = cfg.batch_size * rank_and_world()[1]
-        if self.cfg.data.group_by_length:
+        data = self.cfg.data
+        if data.group_by_length or data.group_by_modality:
             lengths, groups = ds.lengths()
+            if not data.group_by_length:  # equal lengths: the sort is stable, so each group keeps its shuffled order
+                lengths = [0] * len(lengths)
             seed = cfg.seed if shard is None else cfg.seed * 1_000_003 + shard
             return length_grouped_batches(lengths, size, seed, epoch, groups)
         if shard is None:
