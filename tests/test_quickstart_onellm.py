@@ -5,6 +5,7 @@ and the same curriculum for the projector family beside it."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -14,6 +15,11 @@ from safetensors.torch import load_file
 
 from mmalign.data.multimodal import synthetic_modalities
 from mmalign.quickstart_onellm import run_onellm_quickstart
+
+
+def unboxed(text: str) -> str:
+    """A CLI error without the panel rich draws around it: words joined by single spaces."""
+    return " ".join(re.sub(r"[│╭╮╰╯─]", " ", text).split())
 
 
 @pytest.mark.slow
@@ -81,6 +87,29 @@ def test_cli_checks_the_encoder_before_running(tmp_path):
     (tmp_path / "llama").mkdir()
     (tmp_path / "llama" / "config.json").write_text(json.dumps({"model_type": "llama"}))
     out = runner.invoke(app, ["quickstart", "--family", "onellm", "--encoder", str(tmp_path / "llama")])
-    assert out.exit_code == 2 and "not a CLIP or SigLIP" in out.output
+    assert out.exit_code == 2 and "not a CLIP or SigLIP" in unboxed(out.output)
     out = runner.invoke(app, ["quickstart", "--encoder", str(tmp_path / "llama")])
-    assert out.exit_code == 2 and "--family onellm" in out.output
+    assert out.exit_code == 2 and "--family onellm" in unboxed(out.output)
+
+
+def test_overrides_reach_the_curriculum_and_bad_ones_stop_the_cli(tmp_path):
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+    from typer.testing import CliRunner
+
+    from helpers import TINY_VISION
+    from mmalign.cli import app
+    from mmalign.quickstart_onellm import CURRICULUM, curriculum_recipe
+
+    CLIPVisionModel(CLIPVisionConfig(**TINY_VISION)).save_pretrained(tmp_path / "tower")
+    base = {"encoder": tmp_path / "tower", "lm": tmp_path / "lm", "tokenizers": tmp_path / "toks"}
+    sets = ["data.group_by_modality=true", "train.lr=1e-3"]
+    cfg = curriculum_recipe(CURRICULUM, tmp_path, base, tmp_path / "out", 0, False, overrides=sets)
+    assert cfg.data.group_by_modality and cfg.train.lr == 1e-3
+    assert cfg.model.onellm.encoder.path == str(tmp_path / "tower")  # the run's own settings stay
+    runner = CliRunner()
+    for bad, says in (("data.bogus=1", "unknown config key"), ("train.lr=abc", "expected float")):
+        out = runner.invoke(app, ["quickstart", "--family", "onellm", "--set", bad, "--out", str(tmp_path / "x")])
+        assert out.exit_code == 2 and says in unboxed(out.output)
+        assert not (tmp_path / "x").exists()  # nothing ran
+    out = runner.invoke(app, ["quickstart", "--set", "train.lr=1e-3"])
+    assert out.exit_code == 2 and "--family onellm" in unboxed(out.output)

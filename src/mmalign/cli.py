@@ -79,6 +79,12 @@ def quickstart(
         help="--family onellm: a pretrained Hugging Face CLIP or SigLIP vision tower (a folder with config.json and "
         "weights, e.g. from save_pretrained) as the universal encoder, in place of stage 0's LiT image tower.",
     ),
+    overrides: list[str] = typer.Option(
+        None,
+        "--set",
+        help="--family onellm: change the curriculum recipe, key=value as `mmalign train` takes them (repeat for "
+        "several), e.g. --set data.group_by_modality=true --set train.lr=1e-3; --compare uses them for both families.",
+    ),
     seed: int = typer.Option(0, help="Seed for data, initialisation and order."),
     progress: bool = typer.Option(True, help="Show progress bars."),
 ) -> None:
@@ -100,6 +106,7 @@ def quickstart(
     from mmalign.quickstart import check_family, run_quickstart
 
     if family == "onellm":
+        from mmalign.config import load_recipe
         from mmalign.models.encoders import tower_family
         from mmalign.quickstart_onellm import run_onellm_quickstart
 
@@ -110,11 +117,18 @@ def quickstart(
                 tower_family(encoder)
             except (OSError, ValueError) as err:
                 raise typer.BadParameter(str(err), param_hint="--encoder") from None
+        try:
+            load_recipe("onellm_curriculum", overrides or [])
+        except (KeyError, ValueError) as err:
+            raise typer.BadParameter(str(err), param_hint="--set") from None
         out = Path("runs/quickstart_onellm") if out == Path("runs/quickstart") else out
-        run_onellm_quickstart(out, encoder=encoder, compare=compare, seed=seed, progress=progress, console=console)
+        run_onellm_quickstart(out, encoder=encoder, overrides=overrides, compare=compare, seed=seed,
+                              progress=progress, console=console)  # fmt: skip
         return
     if encoder is not None:
         raise typer.BadParameter("--encoder sets the onellm family's universal encoder: use it with --family onellm")
+    if overrides:
+        raise typer.BadParameter("--set changes the onellm curriculum: use it with --family onellm")
     if dataset not in ("shapes", "glyphs"):
         raise typer.BadParameter(f"unknown dataset {dataset!r}; embedded: shapes, glyphs")
     try:

@@ -58,8 +58,10 @@ def stage0(folder: Path, files: dict, out: Path, *, vision_steps: int, lm_steps:
     return {"encoder": Path(encoder), "lm": out / "lm", "tokenizers": out / "tokenizers"}
 
 
-def curriculum_recipe(recipe: str, folder: Path, base: dict, out: Path, seed: int, progress: bool, epochs=None):
-    """The shipped curriculum pointed at this run's data, stage-0 parts and output folder."""
+def curriculum_recipe(recipe: str, folder: Path, base: dict, out: Path, seed: int, progress: bool, epochs=None,
+                      overrides: list[str] | None = None):  # fmt: skip
+    """The shipped curriculum pointed at this run's data, stage-0 parts and output folder, then `overrides`
+    (key=value, as `mmalign train` takes them)."""
     from mmalign.models.encoders import tower_family
 
     family = tower_family(base["encoder"])
@@ -75,6 +77,7 @@ def curriculum_recipe(recipe: str, folder: Path, base: dict, out: Path, seed: in
             f"train.out_dir={out}",
             f"train.seed={seed}",
             f"train.progress={str(progress).lower()}",
+            *(overrides or []),
         ],
     )
     for stage in cfg.stages:
@@ -190,6 +193,7 @@ def run_onellm_quickstart(
     lm_steps: int = 400,
     bind_steps: int = 300,
     encoder: str | Path | None = None,
+    overrides: list[str] | None = None,
     epochs: float | None = None,
     limit: int | None = None,
     compare: bool = False,
@@ -198,7 +202,8 @@ def run_onellm_quickstart(
     console: Console | None = None,
 ) -> dict:
     """Data, stage 0, the curriculum, and the per-modality table; `encoder` (a Hugging Face CLIP or SigLIP vision
-    tower's folder) replaces stage 0's LiT tower as the universal encoder; with `compare`, the same curriculum for the
+    tower's folder) replaces stage 0's LiT tower as the universal encoder; `overrides` (key=value) change the
+    curriculum recipe, for both families; with `compare`, the same curriculum for the
     projector family on the same stage 0, and a side-by-side table. The size arguments shrink the run (tests use
     them); the defaults are what the README reports."""
     from mmalign.train.curriculum import run_curriculum
@@ -206,12 +211,13 @@ def run_onellm_quickstart(
     console = console or Console()
     out, folder = Path(out), Path(data_dir)
     start = time.time()
+    load_recipe(recipe, overrides or [])  # a bad override fails now, not after stage 0
     files = multimodal_data(folder, n_train, n_test, seed, console, progress)
     console.print("[bold]stage 0[/]: the image tower that becomes the universal encoder, each other modality's "
                   "tokenizer bound to text through it, and the LM")  # fmt: skip
     base = stage0(folder, files, out / "base", vision_steps=vision_steps, lm_steps=lm_steps, bind_steps=bind_steps,
                   seed=seed, console=console, progress=progress, encoder=encoder and Path(encoder))  # fmt: skip
-    cfg = curriculum_recipe(recipe, folder, base, out / "curriculum", seed, progress, epochs)
+    cfg = curriculum_recipe(recipe, folder, base, out / "curriculum", seed, progress, epochs, overrides)
     summaries = run_curriculum(cfg, console=console)
     train_seconds = time.time() - start
     modalities = [m for m in cfg.model.media if m in files]
