@@ -115,11 +115,9 @@ def tower_family(path: str | Path) -> str:
     return TOWER_TYPES[model_type]
 
 
-def load_tower(path: str | Path, **kwargs) -> VisionEncoder:
+def load_tower(path: str | Path, *, feature_layer: int = -2, keep_cls: bool = False) -> VisionEncoder:
     """The CLIP or SigLIP tower saved at `path`, whichever it is."""
-    return _build(
-        tower_family(path), str(path), None, {}, kwargs.get("feature_layer", -2), kwargs.get("keep_cls", False)
-    )
+    return _build(tower_family(path), str(path), None, {}, feature_layer, keep_cls)
 
 
 def _build(family: str, path: str | None, preset: str | None, config: dict, feature_layer: int, keep_cls: bool):
