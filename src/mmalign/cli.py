@@ -106,21 +106,14 @@ def quickstart(
     from mmalign.quickstart import check_family, run_quickstart
 
     if family == "onellm":
-        from mmalign.config import load_recipe
-        from mmalign.models.encoders import tower_family
-        from mmalign.quickstart_onellm import run_onellm_quickstart
+        from mmalign.quickstart_onellm import check_inputs, run_onellm_quickstart
 
         if data:
             raise typer.BadParameter("--family onellm runs on the embedded multimodal data; --data is not read")
-        if encoder is not None:
-            try:
-                tower_family(encoder)
-            except (OSError, ValueError) as err:
-                raise typer.BadParameter(str(err), param_hint="--encoder") from None
         try:
-            load_recipe("onellm_curriculum", overrides or [])
-        except (KeyError, ValueError) as err:
-            raise typer.BadParameter(str(err), param_hint="--set") from None
+            check_inputs(encoder, overrides)
+        except (OSError, KeyError, ValueError) as err:  # the messages name the folder or the key
+            raise typer.BadParameter(str(err).strip("'\"")) from None
         out = Path("runs/quickstart_onellm") if out == Path("runs/quickstart") else out
         run_onellm_quickstart(out, encoder=encoder, overrides=overrides, compare=compare, seed=seed,
                               progress=progress, console=console)  # fmt: skip

@@ -29,6 +29,17 @@ def multimodal_data(folder: Path, n_train: int, n_test: int, seed: int, console:
     return files
 
 
+def check_inputs(encoder: str | Path | None, overrides: list[str] | None, recipe: str = CURRICULUM) -> None:
+    """What a user hands the run, checked before anything trains: `encoder` must be a CLIP or SigLIP tower folder
+    (FileNotFoundError, ValueError) and `overrides` must be keys and values the recipe takes (KeyError,
+    ConfigError)."""
+    from mmalign.models.encoders import tower_family
+
+    if encoder is not None:
+        tower_family(encoder)
+    load_recipe(recipe, overrides or [])
+
+
 def stage0(folder: Path, files: dict, out: Path, *, vision_steps: int, lm_steps: int, bind_steps: int, seed: int,
            console, progress, encoder: Path | None = None):  # fmt: skip
     """The universal encoder's start (`encoder`, a pretrained CLIP or SigLIP tower, or else an image tower aligned
@@ -211,7 +222,7 @@ def run_onellm_quickstart(
     console = console or Console()
     out, folder = Path(out), Path(data_dir)
     start = time.time()
-    load_recipe(recipe, overrides or [])  # a bad override fails now, not after stage 0
+    check_inputs(encoder, overrides, recipe)  # a bad tower or override fails now, not after stage 0
     files = multimodal_data(folder, n_train, n_test, seed, console, progress)
     console.print("[bold]stage 0[/]: the image tower that becomes the universal encoder, each other modality's "
                   "tokenizer bound to text through it, and the LM")  # fmt: skip

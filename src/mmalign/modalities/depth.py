@@ -12,7 +12,6 @@ object is nearer (left, right) and the shape of the nearer one (circle, square).
 
 from __future__ import annotations
 
-import copy
 import io
 import random
 from pathlib import Path
@@ -32,6 +31,7 @@ from mmalign.modalities.base import (
     register_modality,
     require_file,
 )
+from mmalign.modalities.image import ImageTokenizer
 
 MILLIMETRE_MODES = {"I;16", "I;16L", "I;16B", "I"}  # a 16-bit greyscale PNG (older Pillow opens it as "I")
 COLOUR_MODES = {"RGB", "RGBA", "RGBX", "P", "PA", "CMYK", "YCbCr", "LAB", "HSV"}
@@ -135,30 +135,27 @@ class DepthTokenizer(nn.Module):
         return torch.cat([self.cls.expand(len(x), -1, -1), x], dim=1) + self.pos
 
 
-class TowerDepthTokenizer(nn.Module):
+class TowerDepthTokenizer(ImageTokenizer):
     """The onellm family's depth tokenizer over an image tower: the map drawn as a grey image, near bright (as
-    ImageBind feeds disparity rather than depth), through a copy of the tower's own patch embedding with its class
-    token and positions (OneLLM's CLIP conv1). Depth then starts where the tower already sees shapes and sides;
-    a fresh convolution with fresh positions left the frozen tower blind to which side is near.
-    (items, 1, size, size) -> (items, num_tokens, width), size and tokens those of the tower."""
+    ImageBind feeds disparity rather than depth), through the image tokenizer, a copy of the tower's own patch
+    embedding with its class token and positions (OneLLM's CLIP conv1). Depth then starts where the tower already
+    sees shapes and sides; a fresh convolution with fresh positions left the frozen tower blind to which side is
+    near. (items, 1, size, size) -> (items, num_tokens, width), size and tokens those of the tower."""
 
     def __init__(self, universal, *, max_depth: float = 10.0):
-        super().__init__()
         if not max_depth > 0:
             raise ValueError(f"depth tokenizer: max_depth must be positive (metres), got {max_depth!r}")
-        self.embeddings = copy.deepcopy(universal._body().embeddings)
-        self.size, self.max_depth = universal.image_size, float(max_depth)
-        self.hidden_size = universal.hidden_size
-        self.num_tokens = (self.size // universal.patch_size) ** 2 + int(universal.has_cls)
+        super().__init__(universal)
+        self.size, self.max_depth = self.image_size, float(max_depth)
         # One grey level per channel, normalised as the tower normalises images.
-        self.register_buffer("mean", torch.tensor(universal.mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(universal.std).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("grey_mean", torch.tensor(self.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("grey_std", torch.tensor(self.std).view(1, 3, 1, 1), persistent=False)
 
     def forward(self, depth: torch.Tensor) -> torch.Tensor:
         if depth.ndim != 4 or tuple(depth.shape[1:]) != (1, self.size, self.size):
             raise ValueError(f"depth tokenizer expects (items, 1, {self.size}, {self.size}), got {depth.shape}")
         grey = torch.where(depth > 0, 1.0 - depth, 0.0)  # a missing reading (0) is dark, not nearest
-        return self.embeddings((grey - self.mean) / self.std)
+        return super().forward((grey - self.grey_mean) / self.grey_std)
 
 
 def depth_tokenizer(universal, settings: dict) -> nn.Module:
