@@ -6,8 +6,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
+import yaml
+
+from mmalign.config import ConfigError
 from mmalign.data.glyphs import write_glyphs_dataset
-from mmalign.quickstart import run_quickstart, split_stages
+from mmalign.quickstart import run_quickstart, split_stages, stage_overrides
 
 SMALL = dict(vision_steps=150, lm_steps=80, stage1_epochs=1, stage2_epochs=3, progress=False)
 
@@ -29,11 +33,27 @@ def test_quickstart_on_a_users_files(tmp_path):
         [paths["captions"], paths["conversations"]],
         paths["test"],
         paths["images"],
+        overrides=["train.warmup_ratio=0.1", "stage2.train.weight_decay=0.01"],  # as `--set` passes them
         **SMALL,
     )
     assert (tmp_path / "run" / "base" / "tokenizer" / "tokenizer.json").is_file()  # trained on the data's text
+    ran = {
+        s: yaml.safe_load((tmp_path / "run" / s / "train_config.yaml").read_text())["train"]
+        for s in ("stage1", "stage2")
+    }
+    assert ran["stage1"]["warmup_ratio"] == ran["stage2"]["warmup_ratio"] == 0.1
+    assert (ran["stage1"]["weight_decay"], ran["stage2"]["weight_decay"]) == (0.0, 0.01)
     assert result["accuracy"] > result["blind_accuracy"] + 0.1
     assert result["accuracy"] > result["majority_accuracy"] + 0.08
+
+
+def test_stage_overrides_pick_a_stage_or_both_and_are_checked():
+    one, two = stage_overrides(["stage1.train.lr=1e-2", "stage2.train.epochs=10", "train.seed=3"])
+    assert one == ["train.lr=1e-2", "train.seed=3"] and two == ["train.epochs=10", "train.seed=3"]
+    with pytest.raises(KeyError, match="train.epoch"):
+        stage_overrides(["stage2.train.epoch=10"])
+    with pytest.raises(ConfigError, match="train.lr"):
+        stage_overrides(["train.lr=fast"])
 
 
 def test_records_split_into_caption_and_conversation_stages(tmp_path):

@@ -111,5 +111,6 @@ def test_overrides_reach_the_curriculum_and_bad_ones_stop_the_cli(tmp_path):
         out = runner.invoke(app, ["quickstart", "--family", "onellm", "--set", bad, "--out", str(tmp_path / "x")])
         assert out.exit_code == 2 and says in unboxed(out.output)
         assert not (tmp_path / "x").exists()  # nothing ran
-    out = runner.invoke(app, ["quickstart", "--set", "train.lr=1e-3"])
-    assert out.exit_code == 2 and "--family onellm" in unboxed(out.output)
+    out = runner.invoke(app, ["quickstart", "--set", "stage2.data.bogus=1", "--out", str(tmp_path / "y")])
+    assert out.exit_code == 2 and "unknown config key 'data.bogus'" in unboxed(out.output)  # the projector recipes
+    assert not (tmp_path / "y").exists()

@@ -44,6 +44,11 @@ def _config_table() -> str:
     return "Config keys (override any with key=value):\n\n" + "\n\n".join(rows)
 
 
+def _message(err: Exception) -> str:
+    """An exception's text without the quotes str() puts around a KeyError's message."""
+    return str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+
+
 @app.command()
 def quickstart(
     out: Path = typer.Option(Path("runs/quickstart"), help="Folder for the models, checkpoints and results."),
@@ -82,8 +87,9 @@ def quickstart(
     overrides: list[str] = typer.Option(
         None,
         "--set",
-        help="--family onellm: change the curriculum recipe, key=value as `mmalign train` takes them (repeat for "
-        "several), e.g. --set data.group_by_modality=true --set train.lr=1e-3; --compare uses them for both families.",
+        help="Change the recipes, key=value as `mmalign train` takes them (repeat for several). Projector and "
+        "flamingo: stage1.KEY or stage2.KEY changes one stage, a bare KEY both, e.g. --set stage2.train.epochs=10. "
+        "Onellm: the curriculum recipe, e.g. --set data.group_by_modality=true; --compare uses them for both families.",
     ),
     seed: int = typer.Option(0, help="Seed for data, initialisation and order."),
     progress: bool = typer.Option(True, help="Show progress bars."),
@@ -103,7 +109,7 @@ def quickstart(
     --image-folder images/`.
     """
     _quiet_transformers()
-    from mmalign.quickstart import check_family, run_quickstart
+    from mmalign.quickstart import check_family, run_quickstart, stage_overrides
 
     if family == "onellm":
         from mmalign.quickstart_onellm import check_inputs, run_onellm_quickstart
@@ -113,21 +119,20 @@ def quickstart(
         try:
             check_inputs(encoder, overrides)
         except (OSError, KeyError, ValueError) as err:  # the messages name the folder or the key
-            raise typer.BadParameter(str(err).strip("'\"")) from None
+            raise typer.BadParameter(_message(err)) from None
         out = Path("runs/quickstart_onellm") if out == Path("runs/quickstart") else out
         run_onellm_quickstart(out, encoder=encoder, overrides=overrides, compare=compare, seed=seed,
                               progress=progress, console=console)  # fmt: skip
         return
     if encoder is not None:
         raise typer.BadParameter("--encoder sets the onellm family's universal encoder: use it with --family onellm")
-    if overrides:
-        raise typer.BadParameter("--set changes the onellm curriculum: use it with --family onellm")
     if dataset not in ("shapes", "glyphs"):
         raise typer.BadParameter(f"unknown dataset {dataset!r}; embedded: shapes, glyphs")
     try:
         check_family(family, finetune)
-    except ValueError as err:
-        raise typer.BadParameter(str(err)) from None
+        stage_overrides(overrides, family)
+    except (KeyError, ValueError) as err:  # the messages name the key or the choice
+        raise typer.BadParameter(_message(err)) from None
     if data and image_folder is None:
         raise typer.BadParameter("--data needs --image-folder (the folder its image paths are relative to)")
     if out == Path("runs/quickstart"):  # another dataset or family does not overwrite the first run
@@ -144,6 +149,7 @@ def quickstart(
         family=family,
         vision=vision,
         seed=seed,
+        overrides=overrides,
         progress=progress,
         console=console,
     )

@@ -26,6 +26,24 @@ FEWSHOT_RECIPE = "flamingo_shapes_fewshot"  # the flamingo family's stage 3, on 
 FEWSHOT_SHOTS = (0, 1, 2, 4, 8)
 
 
+def stage_overrides(overrides: list[str] | None, family: str = "projector") -> tuple[list[str], list[str]]:
+    """`key=value` changes for stage 1 and stage 2: `stage1.` or `stage2.` before a key picks one stage, a bare key
+    changes both. Each stage's recipe must take its keys (KeyError, ConfigError otherwise), so a typo stops the
+    run before stage 0."""
+    stages: tuple[list[str], list[str]] = ([], [])
+    for item in overrides or []:
+        for i, prefix in enumerate(("stage1.", "stage2.")):
+            if item.startswith(prefix):
+                stages[i].append(item[len(prefix) :])
+                break
+        else:
+            stages[0].append(item)
+            stages[1].append(item)
+    for recipe, changes in zip(RECIPES[family], stages, strict=True):
+        load_recipe(recipe, changes)
+    return stages
+
+
 def check_family(family: str, finetune: str) -> None:
     """A family the quickstart has recipes for, and a fine-tuning choice that family can take."""
     if family not in RECIPES:
@@ -178,18 +196,21 @@ def run_quickstart(
     n_episodes: int = 8000,
     fewshot_epochs: float | None = None,
     fewshot_limit: int | None = None,
+    overrides: list[str] | None = None,
     progress: bool = True,
     console: Console | None = None,
 ) -> dict:
     """Stage 0, 1 and 2 on `data` (LLaVA-format files, media under `image_folder`), then accuracy on `eval_data`
     against a blind baseline and the majority answer. Without `data`, the embedded dataset `embedded` (written to
     `embedded_dir`, default data/<name>). The size arguments shrink the run (tests use them); the defaults are what
-    the README reports, the same for every dataset. `family`: projector (LLaVA) or flamingo (its shipped recipes,
+    the README reports, the same for every dataset. `overrides` change the stage recipes (see stage_overrides).
+    `family`: projector (LLaVA) or flamingo (its shipped recipes,
     encoder and LM frozen in both stages); on the embedded shapes data the flamingo family goes on to stage 3, in
     context (see fewshot_stage)."""
     from mmalign.train.loop import train
 
     check_family(family, finetune)
+    stage1_changes, stage2_changes = stage_overrides(overrides, family)
 
     console = console or Console()
     out = Path(out)
@@ -222,7 +243,8 @@ def run_quickstart(
         stage1_recipe,
         common
         + [f"data.train={base['stage1']}", f"train.out_dir={out / 'stage1'}"]
-        + ([f"train.epochs={stage1_epochs}"] if stage1_epochs else []),
+        + ([f"train.epochs={stage1_epochs}"] if stage1_epochs else [])
+        + stage1_changes,
     )
     train(stage1, console=console)
     what = f"connector + LLM, {finetune}" if family == "projector" else f"{trained}; LM frozen"
@@ -238,7 +260,8 @@ def run_quickstart(
         ]
         + ([f"train.finetune={finetune}"] if family == "projector" else [])
         + (["train.lr=3e-3"] if finetune == "lora" else [])
-        + ([f"train.epochs={stage2_epochs}"] if stage2_epochs else []),
+        + ([f"train.epochs={stage2_epochs}"] if stage2_epochs else [])
+        + stage2_changes,
     )
     train(stage2, console=console)
     train_seconds = time.time() - start
