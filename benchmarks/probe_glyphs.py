@@ -69,12 +69,13 @@ def probe_tower(encoder, data: Path, n_train: int) -> None:
 
 
 def answer_sides(run: Path, data: Path) -> None:
-    from mmalign.config import DataConfig
+    from mmalign.config import load_recipe
     from mmalign.evaluate import evaluate_vqa
     from mmalign.train.checkpoint import load_checkpoint
 
     model, tokenizer, _ = load_checkpoint(run / "stage2")
-    processor = processor_for(model, tokenizer, DataConfig(template="chat", image_folder=str(data / "images")))
+    ran = load_recipe(str(run / "stage2" / "train_config.yaml"))  # the chat template and limits stage 2 trained with
+    processor = processor_for(model, tokenizer, ran.data)
     test = data / "qa_test.json"
     seen = evaluate_vqa(model, processor, test, data / "images", progress=False)
     records = {r["id"]: r for r in read_records(test)}
