@@ -97,6 +97,17 @@ def test_unknown_override_fails_with_the_key(tmp_path):
     assert "train.lrr" in str(result.exception)
 
 
+def test_the_command_prints_a_key_error_as_one_unquoted_line(monkeypatch, capsys):
+    from mmalign import cli
+
+    monkeypatch.setattr("sys.argv", ["mmalign", "train", "shapes_stage1", "train.lrr=1"])
+    with pytest.raises(SystemExit) as stop:
+        cli.main()
+    out = " ".join(capsys.readouterr().out.split())
+    assert stop.value.code == 1
+    assert "error: unknown config key 'train.lrr' (KeyError" in out  # not the repr's outer quotes
+
+
 def test_data_writes_either_embedded_dataset(tmp_path):
     out = invoke("data", "--dataset", "glyphs", "--out", tmp_path / "g", "--n-train", 4, "--n-val", 1, "--n-test", 1)
     records = json.loads((tmp_path / "g" / "qa_test.json").read_text())

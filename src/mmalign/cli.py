@@ -603,7 +603,7 @@ def main() -> None:
     except Exception as err:
         if debug:
             raise
-        message = str(err).strip() or type(err).__name__
+        message = _message(err).strip() or type(err).__name__
         console.print(f"[red]error:[/] {message}  [dim]({type(err).__name__}; --debug shows the traceback)[/]")
         sys.exit(1)
 

@@ -204,9 +204,8 @@ def run_quickstart(
     against a blind baseline and the majority answer. Without `data`, the embedded dataset `embedded` (written to
     `embedded_dir`, default data/<name>). The size arguments shrink the run (tests use them); the defaults are what
     the README reports, the same for every dataset. `overrides` change the stage recipes (see stage_overrides).
-    `family`: projector (LLaVA) or flamingo (its shipped recipes,
-    encoder and LM frozen in both stages); on the embedded shapes data the flamingo family goes on to stage 3, in
-    context (see fewshot_stage)."""
+    `family`: projector (LLaVA) or flamingo (its shipped recipes, encoder and LM frozen in both stages); on the
+    embedded shapes data the flamingo family goes on to stage 3, in context (see fewshot_stage)."""
     from mmalign.train.loop import train
 
     check_family(family, finetune)
