@@ -75,3 +75,29 @@ def test_lit_reads_captions_without_their_templates_and_keeps_equal_contents_apa
     keys, idx = batches[0]
     contents = [keys[i] for i in idx.tolist()]
     assert len(contents) == len(set(contents)) == 32 and not any(k.startswith("a picture") for k in keys)
+
+
+def test_the_sampler_keeps_rewordings_apart_but_not_captions_whose_order_binds_attributes():
+    from mmalign.contrastive.keys import same_content
+
+    keys = same_content(["a red circle is on the left .", "red circle on left", "Red circle, on the left"])
+    assert len(set(keys)) == 1
+    # Prepositions, counts and word order carry content: each of these stays its own key.
+    others = ["red circle in left", "two red circles on left", "a red three and a blue seven",
+              "a blue three and a red seven", "no red circle on left"]  # fmt: skip
+    assert len(set(same_content(others))) == len(others) and keys[0] not in same_content(others)
+
+
+def test_lit_batches_never_hold_two_rewordings_of_one_caption():
+    import torch
+
+    from mmalign.config import TrainConfig
+    from mmalign.contrastive.losses import ClipLoss
+    from mmalign.contrastive.train import ContrastiveObjective
+
+    texts = [f"{article}{c}{end}" for c in CONTENTS for article in ("", "a ") for end in ("", " .")]
+    objective = ContrastiveObjective(lambda x: x, lambda t: t, {}, ClipLoss(), torch.zeros(len(texts), 2),
+                                     torch.zeros(len(texts), 2), texts)  # fmt: skip
+    batch = next(objective.batches({"cursor": 0}, TrainConfig(batch_size=len(CONTENTS), seed=0), print))
+    picked = [texts[i].removeprefix("a ").removesuffix(" .") for i in batch["index"].tolist()]
+    assert len(picked) == len(set(picked)) == len(CONTENTS)  # every content once, whichever wording was drawn

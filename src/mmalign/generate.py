@@ -30,7 +30,7 @@ def _pick(logits: torch.Tensor, temperature: float, top_p: float, generator: tor
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-@torch.no_grad()
+@torch.inference_mode()  # cheaper than no_grad per op: no view or version tracking, and nothing here needs it
 def generate(
     model: nn.Module,
     prompts: list[list[int]],

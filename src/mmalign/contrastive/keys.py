@@ -8,13 +8,22 @@ to the same caption under another template). So the templates are found from the
 A caption's key is what follows its longest frame. A leading word that carries content ("one", "two") is not
 droppable ("large red triangles on the left" is no caption), so captions that differ in it keep different keys.
 Data where every caption is templated and none occurs bare has no frames found: its keys are its captions.
+
+The batch sampler compares keys without their articles, copulas and punctuation too (`same_content`), so "a red
+circle is on the left ." and "red circle on left" are one. Word order stays: in "a red three and a blue seven" it
+is what binds each colour to its digit, and a reordering that keeps the meaning cannot be told from one that
+changes it without reading the sentence.
 """
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 
 MAX_FRAME_WORDS = 4
+# Words that change no caption's content: articles, the copula and pointers (punctuation goes too). Prepositions
+# stay ("on" and "in" are relations), as do negations, counts and sides.
+FUNCTION_WORDS = frozenset("a an the and is are was were be there this that these those it its".split())
 
 
 def _words(text: str) -> tuple[str, ...]:
@@ -59,3 +68,9 @@ def caption_keys(texts: list[str], frames: list[str] | None = None) -> list[str]
                 break
         keys.append(" ".join(w))
     return keys
+
+
+def same_content(keys: list[str]) -> list[str]:
+    """The keys the batch sampler keeps apart: each caption key's words without function words or punctuation,
+    in their order."""
+    return [" ".join(w for w in re.findall(r"[\w'-]+", k.lower()) if w not in FUNCTION_WORDS) for k in keys]

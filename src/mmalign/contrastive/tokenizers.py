@@ -20,7 +20,7 @@ from rich.progress import track
 from safetensors.torch import save_file
 from torch import nn
 
-from mmalign.contrastive.keys import caption_keys
+from mmalign.contrastive.keys import caption_keys, same_content
 from mmalign.contrastive.losses import ClipLoss
 from mmalign.contrastive.model import TextTower, minilm_path
 from mmalign.contrastive.train import _distinct_batch
@@ -37,6 +37,7 @@ def bind_tokenizer(universal: nn.Module, modality: str, tokenizer: nn.Module, me
     keys = caption_keys(texts)
     with torch.no_grad():
         targets = text.encode(keys)
+    keys = same_content(keys)
     media_head, text_head = nn.Linear(universal.hidden_size, 128), nn.Linear(targets.shape[1], 128)
     loss_fn = ClipLoss()
     params = [*tokenizer.parameters(), *media_head.parameters(), *text_head.parameters(), *loss_fn.parameters()]

@@ -23,7 +23,7 @@ from mmalign.contrastive.augment import Augment
 from mmalign.contrastive.distributed import average_gradients, init_distributed, rank_and_world
 from mmalign.contrastive.evaluate import max_over_prompts_accuracy, retrieval_recall
 from mmalign.contrastive.gradcache import cached_contrastive_step
-from mmalign.contrastive.keys import caption_frames, caption_keys
+from mmalign.contrastive.keys import caption_frames, caption_keys, same_content
 from mmalign.contrastive.losses import ClipLoss, SigLipLoss
 from mmalign.contrastive.model import DualEncoder, PooledEncoder, TextTower, minilm_path
 from mmalign.contrastive.wise import interpolate_weights
@@ -142,7 +142,7 @@ class ContrastiveObjective(Objective):
         self.parts = nn.ModuleDict(modules)
         self.criterion = criterion
         self.embed_media, self.embed_targets = embed_media, embed_targets
-        self.media, self.targets, self.keys = media, targets, keys
+        self.media, self.targets, self.keys = media, targets, same_content(keys)
         self.augment, self.micro_batch, self.held_out = augment, micro_batch, held_out
         self.world = rank_and_world()[1]
 
