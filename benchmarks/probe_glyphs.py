@@ -3,12 +3,14 @@
     mmalign quickstart --dataset glyphs            # writes runs/quickstart_glyphs and data/glyphs
     python benchmarks/probe_glyphs.py [--run runs/quickstart_glyphs] [--data data/glyphs]
 
-Three measurements on held-out images:
+Measurements on held-out images:
 1. Linear probes on the frozen tower's image tokens, exactly those the connector reads (layer -2, no CLS), per
    scene attribute: from all tokens side by side (position kept), and from the mean of the left-half and of the
    right-half tokens. A left-digit attribute read as well from the right half as from the left means every token
    carries the whole scene: nothing in a token says which side it describes.
-2. How well each token's own features tell its column's side (left or right half).
+2. How well each token's own features tell its column's side (left or right half). 2b: whether the asked digit's
+   colour can be read from those tokens at all by a small side-conditioned attention readout (SideReadout), and
+   after how many examples: the LM sees about 7,500 colour questions in stage 2.
 3. The trained model's answers to "what colour / digit is on the {side}": right, the other digit's answer (the
    side was confused), or neither.
 """
@@ -68,6 +70,48 @@ def probe_tower(encoder, data: Path, n_train: int) -> None:
     print(f"\n2. a token's side (left or right half) from its own features: {acc:.1%} (chance 50%)")
 
 
+class SideReadout(torch.nn.Module):
+    """What the LM has to do for "what colour is the {side} digit": a query made from the side attends over the
+    frozen image tokens (each with a learned position), and a small MLP reads the answer from what it pooled."""
+
+    def __init__(self, dim: int, tokens: int, classes: int):
+        super().__init__()
+        self.side, self.pos = torch.nn.Embedding(2, dim), torch.nn.Parameter(torch.zeros(tokens, dim))
+        self.query, self.key = torch.nn.Linear(dim, dim), torch.nn.Linear(dim, dim)
+        self.head = torch.nn.Sequential(torch.nn.Linear(2 * dim, 128), torch.nn.GELU(), torch.nn.Linear(128, classes))
+
+    def forward(self, tok: torch.Tensor, side: torch.Tensor) -> torch.Tensor:  # (B, T, D), (B,) -> (B, classes)
+        tok = tok + self.pos
+        weights = (self.query(self.side(side))[:, None] * self.key(tok)).sum(-1).softmax(-1)  # (B, T)
+        return self.head(torch.cat([(weights[..., None] * tok).sum(1), self.side(side)], -1))
+
+
+def side_readout(encoder, data: Path, n_train: int, checkpoints=(240, 600, 1500)) -> None:
+    """Trains SideReadout on the training images (a random side per example, batches of 32, as many colour
+    questions per step as the LM sees in about 2 steps) and scores both sides of every test image."""
+    train_px, train_scenes = load_split(data, "train", encoder)
+    test_px, test_scenes = load_split(data, "test", encoder)
+    train_tok = tokens(encoder, train_px[:n_train]).flatten(1, 2)  # (N, T, D)
+    test_tok = tokens(encoder, test_px).flatten(1, 2)
+    colours = [labels(train_scenes[:n_train], f"{s}_color") for s in ("left", "right")]
+    test_colours = [labels(test_scenes, f"{s}_color") for s in ("left", "right")]
+    model = SideReadout(train_tok.shape[-1], train_tok.shape[1], len(ATTRIBUTES["left_color"]))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    print("\n2b. a side-conditioned attention readout of the asked colour, on the frozen tokens")
+    for step in range(1, max(checkpoints) + 1):
+        idx, side = torch.randint(0, len(train_tok), (32,)), torch.randint(0, 2, (32,))
+        target = torch.where(side == 0, colours[0][idx], colours[1][idx])
+        loss = torch.nn.functional.cross_entropy(model(train_tok[idx], side), target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step in checkpoints:
+            with torch.no_grad():
+                accs = [model(test_tok, torch.full((len(test_tok),), s)).argmax(-1).eq(test_colours[s]).float().mean()
+                        for s in (0, 1)]  # fmt: skip
+            print(f"  after {step:4d} steps ({32 * step:6d} examples): left {accs[0]:.1%}, right {accs[1]:.1%}")
+
+
 def answer_sides(run: Path, data: Path) -> None:
     from mmalign.config import load_recipe
     from mmalign.evaluate import evaluate_vqa
@@ -110,7 +154,9 @@ def main() -> None:
         raise SystemExit(f"{args.run}/stage2 not found: run `mmalign quickstart --dataset glyphs --out {args.run}`")
     start = time.time()
     torch.manual_seed(0)
-    probe_tower(load_tower(args.run / "base" / "encoder").eval(), args.data, args.images)
+    encoder = load_tower(args.run / "base" / "encoder").eval()
+    probe_tower(encoder, args.data, args.images)
+    side_readout(encoder, args.data, args.images)
     answer_sides(args.run, args.data)
     print(f"\n{time.time() - start:.0f} s")
 

@@ -133,3 +133,18 @@ def test_left_pad_puts_every_row_on_the_right_with_a_long_mask():
     ids, mask = left_pad([[5, 6, 7], [8]], pad_id=0)
     assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
     assert ids.dtype == mask.dtype == torch.long
+
+
+def test_decode_logits_match_the_lm_head_and_follow_its_weight(setup):
+    """The decode path keeps a transposed copy of the LM head: it must give the head's logits, also after the
+    weight changes in place (a training step, a load) and after a new weight is assigned."""
+    model = setup[0]
+    hidden = torch.randn(4, model.lm_head.in_features)
+    with torch.inference_mode():
+        torch.testing.assert_close(model.decode_logits(hidden), model.logits(hidden), rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(-2.0)  # in place: same storage, new version
+    with torch.inference_mode():
+        torch.testing.assert_close(model.decode_logits(hidden), model.logits(hidden), rtol=1e-5, atol=1e-5)
+    model.lm_head.weight = torch.nn.Parameter(torch.randn_like(model.lm_head.weight))
+    torch.testing.assert_close(model.decode_logits(hidden), model.logits(hidden), rtol=1e-5, atol=1e-5)

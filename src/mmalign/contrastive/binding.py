@@ -2,7 +2,8 @@
 
 An audio tower learns, with the CLIP loss, to land next to the frozen image embedding of its paired image. It
 never sees text, yet afterwards audio can be classified from text prompts: zero-shot transfer through the shared
-space (ImageBind §3.2, "emergent" alignment).
+space (ImageBind §3.2, "emergent" alignment). A user's clips with no paired image bind to their captions instead,
+through the locked text tower and LiT's frozen text head: the same space, reached from the other side.
 """
 
 from __future__ import annotations

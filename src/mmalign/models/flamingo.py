@@ -134,6 +134,9 @@ class FlamingoLM(MultimodalLM):
         head = self.lm_head
         return self.new_tokens.logits(hidden, head.weight, head.bias)
 
+    def decode_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.logits(hidden)  # the new tokens' rows take over some of the head's columns
+
     def media_latents(self, input_ids: torch.Tensor, media: dict) -> tuple[torch.Tensor | None, torch.Tensor]:
         """Each row's media latents in order of appearance (B, M, L, D) (None without media), and each token's
         media time (B, T): how many placeholders of any modality come at or before it."""
