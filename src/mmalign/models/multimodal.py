@@ -42,6 +42,7 @@ class DecodeState:
 
 class MultimodalLM(nn.Module):
     family = "projector"
+    _head_columns = None  # ((weight's storage, version), (D, V) copy of the LM head) for decode_logits
 
     def __init__(
         self,
@@ -61,7 +62,6 @@ class MultimodalLM(nn.Module):
         self.connectors = nn.ModuleDict(connectors)
         self.llm = llm
         self.media_token_ids = dict(media_token_ids)
-        self._head_columns = None  # ((weight's storage, version), (D, V) copy of the LM head) for decode_logits
 
     # ---------------------------------------------------------------- declared structure
     @property
