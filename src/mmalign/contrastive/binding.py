@@ -26,7 +26,7 @@ from mmalign.contrastive.model import DualEncoder, PooledEncoder, TextTower, min
 from mmalign.contrastive.train import ContrastiveObjective, _load_heads, lit_settings, zero_shot_from_prompts
 from mmalign.data.pairs import Pairs, read_pairs, split_off
 from mmalign.data.shapes import Scene, load_split
-from mmalign.modalities.audio import SAMPLE_RATE, AudioEncoder, spectrogram, synth_scene_audio
+from mmalign.modalities.audio import AudioEncoder, clip_frames, spectrogram, synth_scene_audio
 from mmalign.models.encoders import clip_encoder
 from mmalign.train.trainer import Trainer
 
@@ -55,10 +55,10 @@ def _audio_split(scenes: list[dict], seed: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _targets(pairs: Pairs, lit: DualEncoder, text: TextTower, frames: list[str]) -> tuple[torch.Tensor, str]:
-    """Each pair's place in the frozen space: its paired image's embedding, else its caption's (through the locked
-    text tower, template stripped as in LiT). (N, E) and what the targets are: image, text or paired."""
-    captions = caption_keys(pairs.texts, frames)
+def _targets(pairs: Pairs, captions: list[str], lit: DualEncoder, text: TextTower) -> tuple[torch.Tensor, str]:
+    """Each pair's place in the frozen space: its paired image's embedding, else its caption's (`captions`: the
+    caption keys, templates stripped as in LiT, through the locked text tower). (N, E) and what the targets are:
+    image, text or paired."""
     images = [i for i, p in enumerate(pairs.partners) if p is not None]
     rows = [None] * len(pairs.ids)
     if images:
@@ -91,11 +91,12 @@ def _user_pairs(data: Path, folder: Path | None, lit: DualEncoder, text: TextTow
         raise ValueError(f"{data}: binding needs at least 2 audio records, found {len(pairs.ids)}")
     train, held = split_off(pairs, max(1, min(256, len(pairs.ids) // 20)), seed)
     frames = caption_frames(train.texts)
-    targets, kind = _targets(train, lit, text, frames)
-    held_targets, _ = _targets(held, lit, text, frames)
+    captions = caption_keys(train.texts, frames)
+    targets, kind = _targets(train, captions, lit, text)
+    held_targets, _ = _targets(held, caption_keys(held.texts, frames), lit, text)
     # Records with the same image (by content) or the same caption are one target: keep them apart in a batch.
     keys = [k if p is None else hashlib.sha1(p.numpy().tobytes()).hexdigest()
-            for p, k in zip(train.partners, caption_keys(train.texts, frames), strict=True)]  # fmt: skip
+            for p, k in zip(train.partners, captions, strict=True)]  # fmt: skip
     return train.media, targets, keys, (held.media, held_targets), kind
 
 
@@ -137,7 +138,7 @@ def train_binding(
         keys = [Scene(**s).caption(random.Random(0)) for s in train_scenes]
         audio, held, kind = AudioEncoder(n_bins=train_audio.shape[-1]), None, "image"
     else:
-        audio = AudioEncoder(seconds=seconds, max_frames=max(64, 1 + round(seconds * SAMPLE_RATE) // 128))
+        audio = AudioEncoder(seconds=seconds, max_frames=max(64, clip_frames(seconds)))
         train_audio, targets, keys, held, kind = _user_pairs(data, media_folder and Path(media_folder), lit, text,
                                                              audio, seed, console)  # fmt: skip
     tower = PooledEncoder(audio)

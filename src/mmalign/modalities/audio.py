@@ -282,6 +282,11 @@ def tone_caption(answers: dict[str, str], rng: random.Random) -> str:
     return rng.choice(["", "a sound of ", "you hear "]) + beeps
 
 
+def clip_frames(seconds: float, sample_rate: int = SAMPLE_RATE, hop: int = 128) -> int:
+    """Spectrogram frames of a clip of `seconds`: torch.stft with center=True gives 1 + samples // hop."""
+    return 1 + int(round(seconds * sample_rate)) // hop
+
+
 class AudioEncoder(nn.Module):
     """Spectrogram frames -> a small Transformer: (B, frames, bins) -> (B, frames, dim).
 
@@ -305,7 +310,7 @@ class AudioEncoder(nn.Module):
         self.hidden_size = dim
         self.sample_rate, self.hop, self.n_fft = sample_rate, hop, 2 * (n_bins - 1)
         self.num_samples = int(round(seconds * sample_rate))
-        self.num_tokens = 1 + self.num_samples // hop  # torch.stft with center=True
+        self.num_tokens = clip_frames(seconds, sample_rate, hop)
         if self.num_tokens > max_frames:
             raise ValueError(f"{seconds} s gives {self.num_tokens} frames, more than max_frames={max_frames}")
         self.inp = nn.Linear(n_bins, dim)
