@@ -71,8 +71,9 @@ def quickstart(
     vision: str = typer.Option(
         "auto",
         help="Stage-0 vision pretraining: auto (lit when the data has caption-like records, else data2vec), lit "
-        "(contrastive vs the locked pretrained MiniLM), data2vec (self-distillation, no text), supervised (shapes "
-        "attributes; embedded shapes only).",
+        "(contrastive vs the locked pretrained MiniLM), caption (a small decoder writes each caption from the "
+        "tower's tokens, CapPa), data2vec (self-distillation, no text), supervised (shapes attributes; embedded "
+        "shapes only).",
     ),
     compare: bool = typer.Option(
         False,
@@ -236,7 +237,9 @@ def pretrain(
     image_folder: Path = typer.Option(..., help="Folder the records' image paths are relative to."),
     out: Path = typer.Option(Path("runs/base"), help="Writes tokenizer/, encoder/, lm/, stage1.json, stage2.json."),
     vision: str = typer.Option(
-        "auto", help="auto (lit when there are caption-like records, else data2vec), lit, data2vec, supervised."
+        "auto",
+        help="auto (lit when there are caption-like records, else data2vec), lit, caption (captioning, CapPa), "
+        "data2vec, supervised.",
     ),
     tokenizer: str = typer.Option("bpe", help="bpe (byte-level BPE trained on the data), word or wordpiece."),
     vision_steps: int = typer.Option(None, help="Optimizer steps for the vision tower (600; 400 supervised)."),

@@ -14,7 +14,7 @@ from rich.table import Table
 from mmalign.config import load_recipe
 from mmalign.data.processor import read_records
 
-VISION_CHOICES = ("auto", "lit", "data2vec", "supervised")
+VISION_CHOICES = ("auto", "lit", "caption", "data2vec", "supervised")
 
 
 # The shipped recipes each family's quickstart runs (stage 1, stage 2).
@@ -106,7 +106,7 @@ def pretrain_base(
     data, out, folder = [Path(p) for p in data], Path(out), Path(image_folder)
     stages = split_stages(data, out)
     texts = [m["content"] for conv in lm_corpus(data) for m in conv]
-    build_data_tokenizer(texts, out / "tokenizer", kind=tokenizer)
+    text_tokenizer = build_data_tokenizer(texts, out / "tokenizer", kind=tokenizer)
     if vision == "auto":
         vision = "lit" if stages["captions"] else "data2vec"
     if vision == "lit":
@@ -119,6 +119,18 @@ def pretrain_base(
         console.print(
             f"vision tower (LiT vs the locked MiniLM text tower, {lit['pairs']} pairs): held-out {zero_shot}"
             f"image-to-text R@1 {lit['retrieval']['image_to_text_R@1']:.0%}"
+        )
+    elif vision == "caption":
+        if stages["captions"] is None:
+            raise ValueError("vision=caption needs caption-like records (one question, one answer); try data2vec")
+        from mmalign.contrastive.captioning import train_captioner
+
+        cap = train_captioner(stages["captions"], folder, text_tokenizer, out / "captioning",
+                              steps=vision_steps or 600, seed=seed, console=console, progress=progress)  # fmt: skip
+        shutil.copytree(cap["image_encoder"], out / "encoder", dirs_exist_ok=True)
+        console.print(
+            f"vision tower (captioning {cap['pairs']} pairs): held-out caption loss {cap['held_out_loss']:.2f}, "
+            f"{cap['blank_image_loss']:.2f} with a blank image"
         )
     elif vision == "data2vec":
         _pretrain_data2vec(data, folder, out / "encoder", vision_steps or 600, seed, console, progress)
