@@ -133,8 +133,8 @@ def train_captioner(
 ) -> dict:
     """Train a tiny image tower from scratch by captioning the caption-like records of `data` (LLaVA-format files,
     one pair per record: its first image and first reply), 5% held out. Saves the tower to out_dir/image_encoder
-    (the folder the LLaVA recipes load) and returns its figures: the held-out caption loss of the image alone, and
-    that of the same decoder given a blank image, whose gap is what the tokens tell."""
+    (the folder the LLaVA recipes load) and returns its figures: the held-out caption loss (teacher-forced, per
+    token) given each image, and given a blank image instead, whose gap is what the tokens tell."""
     console = console or Console()
     torch.manual_seed(seed)
     out = Path(out_dir)
