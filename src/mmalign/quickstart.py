@@ -106,12 +106,12 @@ def pretrain_base(
     data, out, folder = [Path(p) for p in data], Path(out), Path(image_folder)
     stages = split_stages(data, out)
     texts = [m["content"] for conv in lm_corpus(data) for m in conv]
-    text_tokenizer = build_data_tokenizer(texts, out / "tokenizer", kind=tokenizer)
     if vision == "auto":
         vision = "lit" if stages["captions"] else "data2vec"
+    if vision in ("lit", "caption") and stages["captions"] is None:
+        raise ValueError(f"vision={vision} needs caption-like records (one question, one answer); try data2vec")
+    text_tokenizer = build_data_tokenizer(texts, out / "tokenizer", kind=tokenizer)
     if vision == "lit":
-        if stages["captions"] is None:
-            raise ValueError("vision=lit needs caption-like records (one question, one answer); try data2vec")
         lit = train_lit(lit_data or stages["captions"], out / "contrastive", image_folder=folder,
                         steps=vision_steps or 600, seed=seed, console=console, progress=progress)  # fmt: skip
         shutil.copytree(lit["image_encoder"], out / "encoder", dirs_exist_ok=True)
@@ -121,8 +121,6 @@ def pretrain_base(
             f"image-to-text R@1 {lit['retrieval']['image_to_text_R@1']:.0%}"
         )
     elif vision == "caption":
-        if stages["captions"] is None:
-            raise ValueError("vision=caption needs caption-like records (one question, one answer); try data2vec")
         from mmalign.contrastive.captioning import train_captioner
 
         cap = train_captioner(stages["captions"], folder, text_tokenizer, out / "captioning",

@@ -9,7 +9,7 @@ tokens it reads, exactly the layer the LLaVA connector reads, learn to say what 
 CapPa's "parallel prediction" (§3: a share of the captions written with every decoder input masked, so the
 decoder cannot lean on the caption's own prefix) is an option, off by default: it predicts each word from its
 position alone, and captions that open with templates of different lengths move every word. On the glyphs data
-(whose templates are too rare for `caption_frames` to find) the decoder at a 0.75 share never learned the digits
+(whose templates `caption_frames` does not find) the decoder at a 0.75 share never learned the digits
 (teacher-forced digit words at about chance after 600 steps); plain captioning at half the learning rate did.
 """
 
