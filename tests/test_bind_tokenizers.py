@@ -105,3 +105,27 @@ def test_a_missing_folder_or_a_tokenizer_of_another_shape_is_a_config_error(base
     cfg.model.onellm.tokenizers = str(tmp_path / "bad")
     with pytest.raises(ConfigError, match="signal.safetensors does not fit the signal tokenizer"):
         build_model(cfg.model)
+
+
+def test_a_binding_checkpoint_loads_back_into_a_fresh_run_and_a_partial_one_is_refused(base, tmp_path):
+    from mmalign.contrastive.tokenizers import binding_objective
+    from mmalign.modalities.base import get_modality
+    from mmalign.models.encoders import load_tower
+
+    universal = load_tower(base / "encoder")
+
+    def fresh(seed: int):
+        torch.manual_seed(seed)
+        return binding_objective(universal, get_modality("signal").tokenizer(universal, {}), torch.zeros(4, 1),
+                                 torch.zeros(4, 8), ["a", "b", "c", "d"])  # fmt: skip
+
+    saved, other = fresh(0), fresh(1)
+    saved.save(tmp_path, step=7)
+    assert other.load(tmp_path) == 7
+    mine = {k: v for k, v in saved.state_dict().items()}
+    assert all(torch.equal(v, mine[k]) for k, v in other.state_dict().items())
+    state = load_file(str(tmp_path / "objective.safetensors"))
+    dropped = next(k for k in state if k.startswith("parts.tokenizer."))
+    save_file({k: v for k, v in state.items() if k != dropped}, str(tmp_path / "objective.safetensors"))
+    with pytest.raises(ValueError, match=f"missing.*{dropped}"):
+        fresh(2).load(tmp_path)
