@@ -129,3 +129,20 @@ def test_a_binding_checkpoint_loads_back_into_a_fresh_run_and_a_partial_one_is_r
     save_file({k: v for k, v in state.items() if k != dropped}, str(tmp_path / "objective.safetensors"))
     with pytest.raises(ValueError, match=f"missing.*{dropped}"):
         fresh(2).load(tmp_path)
+
+
+def test_binding_with_repeats_takes_full_batches_even_with_few_contents(base):
+    from mmalign.config import TrainConfig
+    from mmalign.contrastive.tokenizers import binding_objective
+    from mmalign.modalities.base import get_modality
+    from mmalign.models.encoders import load_tower
+
+    universal = load_tower(base / "encoder")
+    keys = ["a small cube", "a large cone"] * 10
+    objective = binding_objective(universal, get_modality("signal").tokenizer(universal, {}), torch.zeros(20, 1),
+                                  torch.zeros(20, 8), keys, repeats=True)  # fmt: skip
+    state = {"cursor": 0}
+    batch = next(objective.batches(state, TrainConfig(batch_size=8, seed=0), print))
+    assert len(batch["index"]) == len(set(batch["index"].tolist())) == 8  # not 2: one row per content
+    same = torch.tensor([[keys[i] == keys[j] for j in batch["index"]] for i in batch["index"]])
+    assert torch.equal(batch["positives"], same)

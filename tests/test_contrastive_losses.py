@@ -86,6 +86,38 @@ def test_clip_matches_reference_value_and_grads():
         torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-12)
 
 
+def _clip_positives_reference(img, txt, log_scale, content: list[int]) -> torch.Tensor:
+    """Each row's cross entropy against a target spread evenly over the rows of the same content, written out."""
+    b = img.shape[0]
+    s = torch.exp(log_scale)
+    total = torch.zeros((), dtype=img.dtype)
+    for a, c in ((img, txt), (txt, img)):
+        for i in range(b):
+            row = [s * (_unit(a[i]) * _unit(c[j])).sum() for j in range(b)]
+            log_z = torch.log(sum(torch.exp(v) for v in row))
+            matches = [j for j in range(b) if content[j] == content[i]]
+            total = total - sum(row[j] - log_z for j in matches) / len(matches)
+    return total / (2 * b)
+
+
+def test_clip_with_repeated_contents_spreads_each_target_over_its_matches():
+    loss_fn = ClipLoss().double()
+    with torch.no_grad():
+        loss_fn.logit_scale.fill_(1.3)
+    img, txt = _pairs(b=6)
+    content = [0, 1, 0, 2, 1, 0]
+    ids = torch.tensor(content)
+    loss = loss_fn(img, txt, ids[:, None] == ids[None, :])
+    ref = _clip_positives_reference(img, txt, torch.tensor(1.3, dtype=torch.float64), content)
+    torch.testing.assert_close(loss, ref, rtol=1e-10, atol=1e-12)
+    got = torch.autograd.grad(loss, [img, txt])
+    want = torch.autograd.grad(ref, [img, txt])
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-12)
+    # All contents distinct: the plain CLIP loss.
+    torch.testing.assert_close(loss_fn(img, txt, torch.eye(6, dtype=torch.bool)), loss_fn(img, txt))
+
+
 def test_clip_float32_embeddings_with_default_scale():
     img, txt = _pairs()
     loss = ClipLoss()(img.detach().float(), txt.detach().float())

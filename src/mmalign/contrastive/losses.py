@@ -42,14 +42,22 @@ class ClipLoss(nn.Module):
         """Clip logit_scale to at most ln(max_scale); call after each optimiser step."""
         self.logit_scale.clamp_(max=self.max_log_scale)
 
-    def forward(self, image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
+    def forward(self, image_emb: torch.Tensor, text_emb: torch.Tensor, positives: torch.Tensor | None = None):
         """image_emb (B, D), text_emb (B, D), row i of each a matching pair -> scalar loss.
 
-        With gather=True under a process group, the negatives are the N = world * B rows of all ranks and the loss
-        is the mean over this rank's 2B rows (image->text and text->image), so the mean over ranks is the global loss.
+        `positives` (B, B) bool, symmetric with a true diagonal: the pairs that match, for batches that repeat a
+        content (each row's target is then spread evenly over its matches, as in SupCon). With gather=True under a
+        process group, the negatives are the N = world * B rows of all ranks and the loss is the mean over this
+        rank's 2B rows (image->text and text->image), so the mean over ranks is the global loss.
         """
         img = _normalise(image_emb, self.logit_scale.dtype)
         txt = _normalise(text_emb, self.logit_scale.dtype)
+        if positives is not None:
+            if self.gather and rank_and_world()[1] > 1:
+                raise ValueError("ClipLoss: positives are for a single process' batch, not a gathered one")
+            targets = positives.to(img.dtype) / positives.sum(1, keepdim=True).to(img.dtype)
+            logits = self.logit_scale.exp() * img @ txt.T
+            return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
         rank, world = rank_and_world() if self.gather else (0, 1)
         all_img = gather_with_grad(img) if world > 1 else img  # (N, D)
         all_txt = gather_with_grad(txt) if world > 1 else txt

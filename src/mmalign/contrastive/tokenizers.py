@@ -58,9 +58,11 @@ class BindingObjective(ContrastiveObjective):
 
 
 def binding_objective(universal: nn.Module, tokenizer: nn.Module, media: torch.Tensor, targets: torch.Tensor,
-                      keys: list[str], held_out=None, embed_dim: int = 128) -> BindingObjective:  # fmt: skip
+                      keys: list[str], held_out=None, embed_dim: int = 128, repeats: bool = False):  # fmt: skip
     """The CLIP loss between `tokenizer`'s input pooled over the frozen `universal` tower's tokens and the locked
-    text features `targets`; the tokenizer and both heads train."""
+    text features `targets`; the tokenizer and both heads train. `repeats`: full random batches whose repeated
+    contents count as matches, instead of batches of distinct contents only (at most as many rows as there are
+    contents: 8 for the embedded point clouds)."""
     media_head = nn.Linear(universal.hidden_size, embed_dim)
     text_head = nn.Linear(targets.shape[1], embed_dim)
 
@@ -72,12 +74,14 @@ def binding_objective(universal: nn.Module, tokenizer: nn.Module, media: torch.T
 
     parts = {"universal": universal.requires_grad_(False), "tokenizer": tokenizer, "media_head": media_head,
              "text_head": text_head}  # fmt: skip
-    return BindingObjective(embed_media, embed_targets, parts, ClipLoss(), media, targets, keys, held_out=held_out)
+    return BindingObjective(
+        embed_media, embed_targets, parts, ClipLoss(), media, targets, keys, held_out=held_out, repeats=repeats
+    )
 
 
 def bind_tokenizer(universal: nn.Module, modality: str, tokenizer: nn.Module, pairs, text: TextTower, out: Path, *,
-                   steps: int, batch_size: int, lr: float, seed: int, overrides=(), resume: bool = False,
-                   progress: bool, console: Console) -> dict:  # fmt: skip
+                   steps: int, batch_size: int, lr: float, seed: int, repeats: bool = False, overrides=(),
+                   resume: bool = False, progress: bool, console: Console) -> dict:  # fmt: skip
     """Train `tokenizer` in place, a run of the Trainer under `out` (resumable, `train.key=value` overrides), with
     5% of the pairs (at most 256) held out for retrieval; {first_loss, last_loss, pairs, contents, held_out}."""
     torch.manual_seed(seed)
@@ -86,7 +90,8 @@ def bind_tokenizer(universal: nn.Module, modality: str, tokenizer: nn.Module, pa
     keys, held_keys = caption_keys(train.texts, frames), caption_keys(held.texts, frames)
     with torch.no_grad():
         targets, held_targets = text.encode(keys), text.encode(held_keys)
-    objective = binding_objective(universal, tokenizer, train.media, targets, keys, (held.media, held_targets))
+    objective = binding_objective(universal, tokenizer, train.media, targets, keys, (held.media, held_targets),
+                                  repeats=repeats)  # fmt: skip
     settings = run_settings(out, overrides, lr=lr, max_steps=steps, batch_size=batch_size, warmup_ratio=0.05,
                             weight_decay=0.01, clip_grad=0.0, seed=seed, progress=progress, log_every=10)  # fmt: skip
     summary = Trainer(objective, settings, console=console, resume=resume).fit()
@@ -101,7 +106,8 @@ def bind_tokenizer(universal: nn.Module, modality: str, tokenizer: nn.Module, pa
 
 
 def bind_tokenizers(encoder: str | Path, captions: dict[str, str | Path], folder: str | Path, out: str | Path, *,
-                    steps: int = 300, batch_size: int = 128, lr: float = 2e-3, seed: int = 0, overrides=(),
+                    steps: int = 300, batch_size: int = 128, lr: float = 2e-3, seed: int = 0, repeats: bool = False,
+                    overrides=(),
                     resume: bool = False, console: Console | None = None, progress: bool = True) -> dict:  # fmt: skip
     """For each {modality: caption file}, its tokenizer bound through the frozen tower at `encoder`; writes
     `out/<modality>.safetensors` (the Trainer's run under `out/runs/<modality>`) and returns {modality: figures}."""
@@ -118,7 +124,7 @@ def bind_tokenizers(encoder: str | Path, captions: dict[str, str | Path], folder
             raise ValueError(f"{path}: {len(pairs.texts)} readable {m} caption records; binding the {m} tokenizer "
                              "needs at least 2")  # fmt: skip
         r = bind_tokenizer(universal, m, tokenizer, pairs, text, out / "runs" / m, steps=steps, batch_size=batch_size,
-                           lr=lr, seed=seed, overrides=overrides, resume=resume, progress=progress,
+                           lr=lr, seed=seed, repeats=repeats, overrides=overrides, resume=resume, progress=progress,
                            console=console)  # fmt: skip
         save_file({k: v.contiguous() for k, v in tokenizer.state_dict().items()}, str(out / f"{m}.safetensors"))
         recall = r["held_out"].get("held_out_image_to_text_R@1")

@@ -136,33 +136,49 @@ class ContrastiveObjective(Objective):
         augment: Augment | None = None,
         micro_batch: int | None = None,
         held_out: tuple[torch.Tensor, torch.Tensor] | None = None,
+        repeats: bool = False,
     ):
         super().__init__()
+        if repeats and (micro_batch or not isinstance(criterion, ClipLoss)):
+            raise ValueError("repeats=True (batches that repeat a content) needs the CLIP loss and no micro_batch")
         self.name = "clip" if isinstance(criterion, ClipLoss) else "siglip"
         self.parts = nn.ModuleDict(modules)
         self.criterion = criterion
         self.embed_media, self.embed_targets = embed_media, embed_targets
         self.media, self.targets, self.keys = media, targets, same_content(keys)
         self.augment, self.micro_batch, self.held_out = augment, micro_batch, held_out
+        # repeats: batches are drawn at random, a content may come more than once, and its copies count as matches.
+        # Without, each batch holds distinct contents only, at most as many rows as the data has contents.
+        self.content = torch.tensor([{k: i for i, k in enumerate(dict.fromkeys(self.keys))}[k] for k in self.keys])
+        self.repeats = repeats
         self.world = rank_and_world()[1]
 
     def batches(self, state: dict, cfg: TrainConfig, log):
         rank = rank_and_world()[0]
         while True:
             generator = batch_generator(cfg.seed * 1000 + rank, state["cursor"])  # each rank its own batches
-            idx = _distinct_batch(self.keys, cfg.batch_size, generator)
+            if self.repeats:
+                idx = torch.randperm(len(self.keys), generator=generator)[: cfg.batch_size]
+            else:
+                idx = _distinct_batch(self.keys, cfg.batch_size, generator)
             state["cursor"] += 1
             x = self.media[idx]
             if self.augment is not None:
                 self.augment.generator = generator
                 x = self.augment(x)
-            yield {"index": idx, "media": x, "targets": self.targets[idx]}
+            batch = {"index": idx, "media": x, "targets": self.targets[idx]}
+            if self.repeats:
+                batch["positives"] = self.content[idx][:, None] == self.content[idx][None, :]
+            yield batch
 
     def counts(self, batch: dict) -> dict[str, int]:
         return {self.name: 1}  # the loss is a mean over the batch's pairs
 
     def losses(self, batch: dict) -> dict[str, torch.Tensor]:
-        return {self.name: self.criterion(self.embed_media(batch["media"]), self.embed_targets(batch["targets"]))}
+        media, targets = self.embed_media(batch["media"]), self.embed_targets(batch["targets"])
+        if "positives" in batch:
+            return {self.name: self.criterion(media, targets, batch["positives"].to(media.device))}
+        return {self.name: self.criterion(media, targets)}
 
     def backward(self, batch: dict, window: dict[str, int], autocast) -> dict[str, float]:
         if not self.micro_batch or self.micro_batch >= len(batch["index"]):
