@@ -16,8 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from rich.console import Console
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from mmalign.contrastive.keys import caption_frames, caption_keys, same_content
@@ -25,36 +24,16 @@ from mmalign.contrastive.losses import ClipLoss
 from mmalign.contrastive.model import TextTower, minilm_path
 from mmalign.contrastive.train import ContrastiveObjective
 from mmalign.data.pairs import read_pairs, split_off
-from mmalign.errors import unreadable
 from mmalign.modalities.base import get_modality
 from mmalign.models.encoders import load_tower
-from mmalign.train.trainer import OBJECTIVE_WEIGHTS, Trainer, run_settings
+from mmalign.train.trainer import Trainer, run_settings
 
 
 class BindingObjective(ContrastiveObjective):
     """A contrastive objective whose checkpoints leave out the frozen universal tower: it may be a large pretrained
     network the user pointed at, and every modality's run would otherwise hold a copy of it."""
 
-    frozen = "parts.universal."
-
-    def save(self, out: Path, step: int) -> None:
-        state = {k: v.contiguous() for k, v in self.state_dict().items() if not k.startswith(self.frozen)}
-        save_file(state, str(out / OBJECTIVE_WEIGHTS), metadata={"format": "pt", "step": str(step)})
-
-    def load(self, out: Path) -> int | None:
-        path = out / OBJECTIVE_WEIGHTS
-        try:
-            state = load_file(str(path))
-            with safe_open(str(path), framework="pt") as f:
-                step = (f.metadata() or {}).get("step")
-        except (SafetensorError, OSError) as err:
-            raise unreadable(path, err) from err
-        result = self.load_state_dict(state, strict=False)
-        missing = [k for k in result.missing_keys if not k.startswith(self.frozen)]
-        if missing or result.unexpected_keys:
-            raise ValueError(f"{path} does not fit this binding run: missing {missing}, unexpected "
-                             f"{result.unexpected_keys}")  # fmt: skip
-        return None if step is None else int(step)
+    unsaved = ("parts.universal.",)
 
 
 def binding_objective(universal: nn.Module, tokenizer: nn.Module, media: torch.Tensor, targets: torch.Tensor,

@@ -20,7 +20,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_model, save_file, save_model
 from torch import nn
 
 from mmalign.config import ConfigError, RecipeConfig, TrainConfig, apply_overrides
@@ -206,19 +206,31 @@ class Objective(nn.Module):
         """Held-out figures, logged at `eval_every` and at the end."""
         return {}
 
+    # State-dict prefixes of frozen parts the objective does not own (a user's pretrained tower), left out of its
+    # checkpoints: the run that built the objective loads them again.
+    unsaved: tuple[str, ...] = ()
+
     def save(self, out: Path, step: int) -> None:
         """Everything a resumed run needs, stamped with its step."""
-        save_model(self, str(out / OBJECTIVE_WEIGHTS), metadata={"format": "pt", "step": str(step)})
+        path, metadata = str(out / OBJECTIVE_WEIGHTS), {"format": "pt", "step": str(step)}
+        if not self.unsaved:
+            save_model(self, path, metadata=metadata)  # shared (tied) tensors stored once
+            return
+        state = {k: v.contiguous() for k, v in self.state_dict().items() if not k.startswith(self.unsaved)}
+        save_file(state, path, metadata=metadata)
 
     def load(self, out: Path) -> int | None:
         """Load what `save` wrote; return the stamped step."""
         path = out / OBJECTIVE_WEIGHTS
         try:
-            load_model(self, str(path))
+            missing, unexpected = load_model(self, str(path), strict=not self.unsaved)
             with safe_open(str(path), framework="pt") as f:
                 step = (f.metadata() or {}).get("step")
         except (SafetensorError, OSError) as err:
             raise unreadable(path, err) from err
+        missing = [k for k in missing if not k.startswith(self.unsaved)] if self.unsaved else []
+        if missing or (self.unsaved and unexpected):
+            raise ValueError(f"{path} does not fit this {self.name} run: missing {missing}, unexpected {unexpected}")
         return None if step is None else int(step)
 
 
