@@ -89,7 +89,7 @@ def _user_pairs(data: Path, folder: Path | None, lit: DualEncoder, text: TextTow
         raise ValueError(f"{len(empty)} audio records have neither an image nor a caption to bind to, e.g. {empty[0]}")
     if len(pairs.ids) < 2:
         raise ValueError(f"{data}: binding needs at least 2 audio records, found {len(pairs.ids)}")
-    train, held = split_off(pairs, max(1, min(256, len(pairs.ids) // 20)), seed)
+    train, held = split_off(pairs, seed)
     frames = caption_frames(train.texts)
     captions = caption_keys(train.texts, frames)
     targets, kind = _targets(train, captions, lit, text)

@@ -142,7 +142,7 @@ def train_captioner(
     pairs = read_pairs(data, image_folder, encoder)
     if pairs.skipped:
         console.print(f"[yellow]skipped {len(pairs.skipped)} unreadable records[/], e.g. {pairs.skipped[0]}")
-    pairs, held = split_off(pairs, max(1, min(256, len(pairs.ids) // 20)), seed)
+    pairs, held = split_off(pairs, seed)
     # Templates ("an image of") are dropped, as for LiT: under parallel prediction a caption's words are predicted
     # by position, and a template of variable length would move every word.
     frames = caption_frames(pairs.texts)

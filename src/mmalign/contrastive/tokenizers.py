@@ -19,7 +19,7 @@ from rich.console import Console
 from safetensors.torch import save_file
 from torch import nn
 
-from mmalign.contrastive.keys import caption_frames, caption_keys, same_content
+from mmalign.contrastive.keys import caption_frames, caption_keys
 from mmalign.contrastive.losses import ClipLoss
 from mmalign.contrastive.model import TextTower, minilm_path
 from mmalign.contrastive.train import ContrastiveObjective
@@ -58,14 +58,14 @@ def binding_objective(universal: nn.Module, tokenizer: nn.Module, media: torch.T
     )
 
 
-def bind_tokenizer(universal: nn.Module, modality: str, tokenizer: nn.Module, pairs, text: TextTower, out: Path, *,
+def bind_tokenizer(universal: nn.Module, tokenizer: nn.Module, pairs, text: TextTower, out: Path, *,
                    steps: int, batch_size: int, lr: float, seed: int, repeats: bool = False, overrides=(),
                    resume: bool = False, progress: bool, console: Console) -> dict:  # fmt: skip
     """Train `tokenizer` in place, a run of the Trainer under `out` (resumable, `train.key=value` overrides), with
     5% of the pairs (at most 256) held out for retrieval; {first_loss, last_loss, pairs, contents, held_out}."""
     torch.manual_seed(seed)
     frames = caption_frames(pairs.texts)  # templates, found over all captions, are dropped from each
-    train, held = split_off(pairs, max(1, min(256, len(pairs.ids) // 20)), seed)
+    train, held = split_off(pairs, seed)
     keys, held_keys = caption_keys(train.texts, frames), caption_keys(held.texts, frames)
     with torch.no_grad():
         targets, held_targets = text.encode(keys), text.encode(held_keys)
@@ -79,15 +79,15 @@ def bind_tokenizer(universal: nn.Module, modality: str, tokenizer: nn.Module, pa
         "first_loss": summary["first_losses"].get(objective.name),
         "last_loss": summary["loss"],
         "pairs": len(keys),
-        "contents": len(set(same_content(keys))),
+        "contents": len(set(objective.keys)),  # the objective's keys: each caption's content
         "held_out": summary["eval"],
     }
 
 
 def bind_tokenizers(encoder: str | Path, captions: dict[str, str | Path], folder: str | Path, out: str | Path, *,
                     steps: int = 300, batch_size: int = 128, lr: float = 2e-3, seed: int = 0, repeats: bool = False,
-                    overrides=(),
-                    resume: bool = False, console: Console | None = None, progress: bool = True) -> dict:  # fmt: skip
+                    overrides=(), resume: bool = False, console: Console | None = None,
+                    progress: bool = True) -> dict:  # fmt: skip
     """For each {modality: caption file}, its tokenizer bound through the frozen tower at `encoder`; writes
     `out/<modality>.safetensors` (the Trainer's run under `out/runs/<modality>`) and returns {modality: figures}."""
     console = console or Console()
@@ -102,7 +102,7 @@ def bind_tokenizers(encoder: str | Path, captions: dict[str, str | Path], folder
         if len(pairs.texts) < 2:
             raise ValueError(f"{path}: {len(pairs.texts)} readable {m} caption records; binding the {m} tokenizer "
                              "needs at least 2")  # fmt: skip
-        r = bind_tokenizer(universal, m, tokenizer, pairs, text, out / "runs" / m, steps=steps, batch_size=batch_size,
+        r = bind_tokenizer(universal, tokenizer, pairs, text, out / "runs" / m, steps=steps, batch_size=batch_size,
                            lr=lr, seed=seed, repeats=repeats, overrides=overrides, resume=resume, progress=progress,
                            console=console)  # fmt: skip
         save_file({k: v.contiguous() for k, v in tokenizer.state_dict().items()}, str(out / f"{m}.safetensors"))

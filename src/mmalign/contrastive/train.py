@@ -149,7 +149,8 @@ class ContrastiveObjective(Objective):
         self.augment, self.micro_batch, self.held_out = augment, micro_batch, held_out
         # repeats: batches are drawn at random, a content may come more than once, and its copies count as matches.
         # Without, each batch holds distinct contents only, at most as many rows as the data has contents.
-        self.content = torch.tensor([{k: i for i, k in enumerate(dict.fromkeys(self.keys))}[k] for k in self.keys])
+        index = {k: i for i, k in enumerate(dict.fromkeys(self.keys))}
+        self.content = torch.tensor([index[k] for k in self.keys])
         self.repeats = repeats
         self.world = rank_and_world()[1]
 
@@ -278,7 +279,7 @@ def train_lit(
     if eval_data is not None:
         held = read_pairs(eval_data, folder, image)
     elif shapes_dir is None:
-        pairs, held = split_off(pairs, max(1, min(256, len(pairs.ids) // 20)), seed)
+        pairs, held = split_off(pairs, seed)
     frames = caption_frames(pairs.texts)
     keys = caption_keys(pairs.texts, frames)
     if frames:

@@ -59,8 +59,9 @@ def _read(mod, item, folder: Path, encoder) -> torch.Tensor:
     return mod.preprocess(mod.load(folder / item if isinstance(item, str) else item), encoder)
 
 
-def split_off(pairs: Pairs, n: int, seed: int) -> tuple[Pairs, Pairs]:
-    """(train, held-out): `n` random pairs held out, the rest for training."""
+def split_off(pairs: Pairs, seed: int, n: int | None = None) -> tuple[Pairs, Pairs]:
+    """(train, held-out): `n` random pairs held out (default 5%, at least 1, at most 256), the rest for training."""
+    n = max(1, min(256, len(pairs.ids) // 20)) if n is None else n
     order = torch.randperm(len(pairs.ids), generator=torch.Generator().manual_seed(seed)).tolist()
     held, kept = sorted(order[:n]), sorted(order[n:])
 
