@@ -43,6 +43,8 @@ def test_quickstart_on_a_users_files(tmp_path):
     }
     assert ran["stage1"]["warmup_ratio"] == ran["stage2"]["warmup_ratio"] == 0.1
     assert (ran["stage1"]["weight_decay"], ran["stage2"]["weight_decay"]) == (0.0, 0.01)
+    stage2_data = yaml.safe_load((tmp_path / "run" / "stage2" / "train_config.yaml").read_text())["data"]["train"]
+    assert stage2_data == [str(tmp_path / "run" / "base" / f) for f in ("stage2.json", "stage1.json")]  # + captions
     assert result["accuracy"] > result["blind_accuracy"] + 0.1
     assert result["accuracy"] > result["majority_accuracy"] + 0.08
 
