@@ -6,7 +6,7 @@ Flamingo setup on both sides: vision tower and LM frozen; Perceiver Resampler, c
 token rows trained with AdamW (IDEFICS: freeze_text_layers, freeze_vision_layers, freeze_lm_head). Each
 implementation runs in its own process so peak memory is measured separately.
 
-    python benchmarks/bench_flamingo_step.py [--steps 10] [--batch 8] [--vocab 32000] [--device cpu|cuda]
+    python benchmarks/bench_flamingo_step.py [--steps 10] [--batch 8] [--rounds 3] [--vocab 32002] [--device cpu|cuda]
 """
 
 from __future__ import annotations
@@ -129,6 +129,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8, help="documents per step")
     ap.add_argument("--vocab", type=int, default=32002, help="LLM vocabulary (IDEFICS: 32000 + 2 additional rows)")
     ap.add_argument("--every", type=int, default=1, help="a cross-attention block every n decoder layers")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating runs of each side; the median is reported")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--child", choices=["hf", "ours"], help=argparse.SUPPRESS)
     ap.add_argument("--folder", type=Path, help=argparse.SUPPRESS)

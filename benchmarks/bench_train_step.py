@@ -152,15 +152,26 @@ def timed_training(model, step, batches: list[dict], device: str, lr: float) -> 
 
 
 def run_children(script: str, folder: Path, args: argparse.Namespace) -> dict[str, dict]:
-    """Run `script --child hf` and `--child ours` in fresh processes (separate peak memory); their JSON results."""
+    """Run `script --child hf` and `--child ours` in fresh processes (separate peak memory), alternating, for
+    `args.rounds` rounds; their JSON results, with each one's median throughput over the rounds, its largest peak
+    and the per-round figures. Alternating keeps a slow spell of a shared machine from landing on one side only."""
+    runs: dict[str, list[dict]] = {"hf": [], "ours": []}
+    for _ in range(args.rounds):
+        for impl in runs:
+            cmd = [sys.executable, script, "--child", impl, "--folder", str(folder)]
+            cmd += ["--steps", str(args.steps), "--batch", str(args.batch), "--device", args.device]
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode:
+                sys.exit(f"{impl} run failed:\n{done.stderr[-3000:]}")
+            runs[impl].append(json.loads(done.stdout.strip().splitlines()[-1]))
     results = {}
-    for impl in ("hf", "ours"):
-        cmd = [sys.executable, script, "--child", impl, "--folder", str(folder)]
-        cmd += ["--steps", str(args.steps), "--batch", str(args.batch), "--device", args.device]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode:
-            sys.exit(f"{impl} run failed:\n{done.stderr[-3000:]}")
-        results[impl] = json.loads(done.stdout.strip().splitlines()[-1])
+    for impl, rounds in runs.items():
+        speeds = sorted(r["samples_per_s"] for r in rounds)
+        results[impl] = rounds[0] | {
+            "samples_per_s": speeds[len(speeds) // 2],
+            "peak_mb": max(r["peak_mb"] for r in rounds),
+            "rounds": [r["samples_per_s"] for r in rounds],
+        }
     return results
 
 
@@ -169,6 +180,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10, help="timed optimizer steps per implementation")
     ap.add_argument("--batch", type=int, default=8, help="samples per step")
     ap.add_argument("--vocab", type=int, nargs="+", default=[32064, 151936], help="LLM vocabulary sizes to run")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating runs of each side; the median is reported")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--child", choices=["hf", "ours"], help=argparse.SUPPRESS)
     ap.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
@@ -205,10 +217,14 @@ def compare(vocab: int, args: argparse.Namespace) -> None:
 
 def print_comparison(hf: dict, ours: dict) -> None:
     """Throughput and peak memory of both implementations, and the ratios."""
-    print(f"{'':14}{'samples/s':>12}{'peak MiB':>12}")
+    print(f"{'':14}{'samples/s':>12}{'peak MiB':>12}   samples/s per round")
     for name, r in (("transformers", hf), ("mmalign", ours)):
-        print(f"{name:14}{r['samples_per_s']:>12.2f}{r['peak_mb']:>12.0f}")
-    print(f"speed ratio (mmalign / transformers): {ours['samples_per_s'] / hf['samples_per_s']:.2f}x")
+        rounds = " ".join(f"{x:.2f}" for x in r.get("rounds", []))
+        print(f"{name:14}{r['samples_per_s']:>12.2f}{r['peak_mb']:>12.0f}   {rounds}")
+    if len(hf.get("rounds", [])) > 1:
+        ratios = " ".join(f"{o / h:.2f}x" for h, o in zip(hf["rounds"], ours["rounds"], strict=True))
+        print(f"speed ratio per round: {ratios}")
+    print(f"speed ratio (mmalign / transformers, medians): {ours['samples_per_s'] / hf['samples_per_s']:.2f}x")
     print(f"peak memory ratio (mmalign / transformers): {ours['peak_mb'] / hf['peak_mb']:.2f}")
 
 

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmalign.constants import IGNORE_INDEX
+from mmalign.models.head_loss import head_cross_entropy
 
 
 class MediaCountError(ValueError):
@@ -190,9 +191,16 @@ class MultimodalLM(nn.Module):
         targets = labels[:, 1:]  # position t predicts token t + 1
         keep = targets != IGNORE_INDEX  # (B, T - 1)
         picked = hidden[:, :-1][keep]  # (n_tokens, D)
-        logits = self.logits(picked).float()  # (n_tokens, V)
-        loss_sum = F.cross_entropy(logits, targets[keep], reduction="sum")
-        return {"loss_sum": loss_sum, "n_tokens": int(keep.sum())}
+        return {"loss_sum": self.head_loss(picked, targets[keep]), "n_tokens": int(keep.sum())}
+
+    def head_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Summed cross-entropy of the LM head's logits at `hidden` (N, D) against `targets` (N,). A plain linear
+        head goes through `head_cross_entropy`, which never holds the (N, V) logits; any other head (wrapped by
+        PEFT, quantised) through its own forward."""
+        head = self.lm_head
+        if type(head) is not nn.Linear:
+            return F.cross_entropy(self.logits(hidden).float(), targets, reduction="sum")
+        return head_cross_entropy(hidden, head.weight, targets, head.bias)
 
     # ---------------------------------------------------------------- generation
     def prefill(
