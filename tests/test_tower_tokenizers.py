@@ -50,6 +50,26 @@ def test_depth_is_the_towers_grey_image_near_bright(tower):
     assert all(p.grad is None for p in tower.parameters())
 
 
+def test_depth_detail_branch_adds_to_its_own_patch_token(tower):
+    """The detail branch's cells line up with the tower's patches (row-major, after any class token), and with the
+    branch off the tokens are the tower's embedding whatever the branch learned."""
+    torch.manual_seed(0)
+    tok = TowerDepthTokenizer(tower)  # 32 px, patch 8: a 4 x 4 grid
+    torch.nn.init.normal_(tok.detail[-1].weight)  # as if trained
+    plain = TowerDepthTokenizer(tower, detail_channels=0)
+    plain.load_state_dict({k: v for k, v in tok.state_dict().items() if not k.startswith("detail.")})
+    assert plain.detail is None
+    depth = torch.full((1, 1, 32, 32), 0.9)
+    bumped = depth.clone()
+    bumped[:, :, 10:14, 18:22] = 0.2  # inside patch (row 1, column 2), 2 px from its edges: two 3x3 convs stay in
+    added = (tok(bumped) - plain(bumped)) - (tok(depth) - plain(depth))  # what the branch adds for the bump
+    changed = added.abs().amax(-1)[0] > 1e-6  # (tokens,)
+    cls = int(tower.has_cls)
+    assert changed.nonzero().flatten().tolist() == [cls + 1 * 4 + 2]
+    with pytest.raises(ValueError, match="detail_channels"):
+        TowerDepthTokenizer(tower, detail_channels=-1)
+
+
 def test_depth_tokenizer_checks_its_input_and_settings(tower):
     with pytest.raises(ValueError, match="max_depth"):
         TowerDepthTokenizer(tower, max_depth=0)

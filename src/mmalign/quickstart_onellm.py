@@ -29,22 +29,23 @@ def multimodal_data(folder: Path, n_train: int, n_test: int, seed: int, console:
     return files
 
 
-def check_inputs(encoder: str | Path | None, overrides: list[str] | None, recipe: str = CURRICULUM) -> None:
+def check_inputs(encoder: str | Path | None, overrides: list[str] | None, recipe: str = CURRICULUM):
     """What a user hands the run, checked before anything trains: `encoder` must be a CLIP or SigLIP tower folder
     (FileNotFoundError, ValueError) and `overrides` must be keys and values the recipe takes (KeyError,
-    ConfigError)."""
+    ConfigError). Returns the recipe with the overrides."""
     from mmalign.models.encoders import tower_family
 
     if encoder is not None:
         tower_family(encoder)
-    load_recipe(recipe, overrides or [])
+    return load_recipe(recipe, overrides or [])
 
 
 def stage0(folder: Path, files: dict, out: Path, *, vision_steps: int, lm_steps: int, bind_steps: int, seed: int,
-           console, progress, encoder: Path | None = None):  # fmt: skip
+           console, progress, encoder: Path | None = None, settings: dict[str, dict] | None = None):  # fmt: skip
     """The universal encoder's start (`encoder`, a pretrained CLIP or SigLIP tower, or else an image tower aligned
     by LiT to the locked MiniLM on the image captions), every other modality's tokenizer bound to text through that
-    frozen tower, and a tiny LM pretrained on every modality's text, with the data's word-level tokenizer."""
+    frozen tower (built with `settings[modality]`, the curriculum's tokenizer settings, so the curriculum can load
+    it), and a tiny LM pretrained on every modality's text, with the data's word-level tokenizer."""
     from mmalign.contrastive.tokenizers import bind_tokenizers
     from mmalign.contrastive.train import train_lit
     from mmalign.models.encoders import tower_family
@@ -60,8 +61,8 @@ def stage0(folder: Path, files: dict, out: Path, *, vision_steps: int, lm_steps:
     else:
         console.print(f"image tower: the {tower_family(encoder)} tower at {encoder} (no LiT)")
     others = {m: f["captions"] for m, f in files.items() if m != "image"}
-    bind_tokenizers(encoder, others, folder, out / "tokenizers", steps=bind_steps, seed=seed, console=console,
-                    progress=progress)  # fmt: skip
+    bind_tokenizers(encoder, others, folder, out / "tokenizers", steps=bind_steps, seed=seed, settings=settings,
+                    console=console, progress=progress)  # fmt: skip
     texts = [f[k] for f in files.values() for k in ("captions", "conversations")]
     lm = pretrain_lm(texts, folder / "tokenizer", out / "lm", steps=lm_steps, seed=seed, console=console,
                      progress=progress)  # fmt: skip
@@ -107,11 +108,15 @@ def projector_twin(cfg, encoder: Path, out: Path):
 
     twin = copy.deepcopy(cfg)
     twin.model.family = "projector"
-    fresh = EncoderConfig(name="modality-transformer", config={"dim": 64, "depth": 2, "heads": 4})
     image = EncoderConfig(name=cfg.model.onellm.encoder.name, path=str(encoder), feature_layer=-2)
+
+    def fresh(m: str) -> EncoderConfig:  # the same tokenizer settings (the point clouds' normals) on both sides
+        config = {"dim": 64, "depth": 2, "heads": 4, "tokenizer": dict(cfg.model.media[m].tokenizer)}
+        return EncoderConfig(name="modality-transformer", config=config)
+
     twin.model.media = {
         m: MediaConfig(
-            encoder=image if m == "image" else fresh,
+            encoder=image if m == "image" else fresh(m),
             connector=ConnectorConfig("mlp2x_gelu"),
         )
         for m in cfg.model.media
@@ -222,12 +227,14 @@ def run_onellm_quickstart(
     console = console or Console()
     out, folder = Path(out), Path(data_dir)
     start = time.time()
-    check_inputs(encoder, overrides, recipe)  # a bad tower or override fails now, not after stage 0
+    recipe_cfg = check_inputs(encoder, overrides, recipe)  # a bad tower or override fails now, not after stage 0
+    settings = {m: dict(media.tokenizer) for m, media in recipe_cfg.model.media.items()}
     files = multimodal_data(folder, n_train, n_test, seed, console, progress)
     console.print("[bold]stage 0[/]: the image tower that becomes the universal encoder, each other modality's "
                   "tokenizer bound to text through it, and the LM")  # fmt: skip
     base = stage0(folder, files, out / "base", vision_steps=vision_steps, lm_steps=lm_steps, bind_steps=bind_steps,
-                  seed=seed, console=console, progress=progress, encoder=encoder and Path(encoder))  # fmt: skip
+                  seed=seed, console=console, progress=progress, encoder=encoder and Path(encoder),
+                  settings=settings)  # fmt: skip
     cfg = curriculum_recipe(recipe, folder, base, out / "curriculum", seed, progress, epochs, overrides)
     summaries = run_curriculum(cfg, console=console)
     train_seconds = time.time() - start

@@ -86,9 +86,10 @@ def bind_tokenizer(universal: nn.Module, tokenizer: nn.Module, pairs, text: Text
 
 def bind_tokenizers(encoder: str | Path, captions: dict[str, str | Path], folder: str | Path, out: str | Path, *,
                     steps: int = 300, batch_size: int = 128, lr: float = 2e-3, seed: int = 0, repeats: bool = False,
-                    overrides=(), resume: bool = False, console: Console | None = None,
-                    progress: bool = True) -> dict:  # fmt: skip
-    """For each {modality: caption file}, its tokenizer bound through the frozen tower at `encoder`; writes
+                    settings: dict[str, dict] | None = None, overrides=(), resume: bool = False,
+                    console: Console | None = None, progress: bool = True) -> dict:  # fmt: skip
+    """For each {modality: caption file}, its tokenizer (built with `settings[modality]`, as a recipe's
+    `model.media.<modality>.tokenizer` gives them) bound through the frozen tower at `encoder`; writes
     `out/<modality>.safetensors` (the Trainer's run under `out/runs/<modality>`) and returns {modality: figures}."""
     console = console or Console()
     out = Path(out)
@@ -97,7 +98,7 @@ def bind_tokenizers(encoder: str | Path, captions: dict[str, str | Path], folder
     text = TextTower.from_path(minilm_path()).eval().requires_grad_(False)
     results = {}
     for m, path in captions.items():
-        tokenizer = get_modality(m).tokenizer(universal, {})
+        tokenizer = get_modality(m).tokenizer(universal, dict((settings or {}).get(m, {})))
         pairs = read_pairs([path], folder, tokenizer, modality=m)
         if len(pairs.texts) < 2:
             raise ValueError(f"{path}: {len(pairs.texts)} readable {m} caption records; binding the {m} tokenizer "

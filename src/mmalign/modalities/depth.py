@@ -140,22 +140,49 @@ class TowerDepthTokenizer(ImageTokenizer):
     ImageBind feeds disparity rather than depth), through the image tokenizer, a copy of the tower's own patch
     embedding with its class token and positions (OneLLM's CLIP conv1). Depth then starts where the tower already
     sees shapes and sides; a fresh convolution with fresh positions left the frozen tower blind to which side is
-    near. (items, 1, size, size) -> (items, num_tokens, width), size and tokens those of the tower."""
+    near. (items, 1, size, size) -> (items, num_tokens, width), size and tokens those of the tower.
 
-    def __init__(self, universal, *, max_depth: float = 10.0):
+    `detail_channels` > 0 adds a detail branch: two 3x3 convolutions at the map's own resolution, max-pooled onto
+    the patch grid and added to the patch tokens. A patch embedding sees an object a patch or two wide as a blur
+    of a few pixels per patch, too coarse to tell a circle from a square (the embedded near_shape question was
+    the one the tower's tokens could not answer); edges and corners are what 3x3 filters see. The branch's last
+    layer starts at zero, so the tokenizer starts as the tower's own patch embedding."""
+
+    def __init__(self, universal, *, max_depth: float = 10.0, detail_channels: int = 16):
         if not max_depth > 0:
             raise ValueError(f"depth tokenizer: max_depth must be positive (metres), got {max_depth!r}")
+        if not isinstance(detail_channels, int) or detail_channels < 0:
+            raise ValueError(f"depth tokenizer: detail_channels must be an integer >= 0, got {detail_channels!r}")
         super().__init__(universal)
         self.size, self.max_depth = self.image_size, float(max_depth)
         # One grey level per channel, normalised as the tower normalises images.
         self.register_buffer("grey_mean", torch.tensor(self.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("grey_std", torch.tensor(self.std).view(1, 3, 1, 1), persistent=False)
+        self.grid = self.image_size // self.patch_size
+        self.detail = None
+        if detail_channels:
+            c = detail_channels
+            self.detail = nn.Sequential(
+                nn.Conv2d(1, c, 3, padding=1),
+                nn.GELU(),
+                nn.Conv2d(c, c, 3, padding=1),
+                nn.GELU(),
+                nn.AdaptiveMaxPool2d(self.grid),  # one cell per patch of the tower's grid
+                nn.Conv2d(c, self.hidden_size, 1),
+            )
+            nn.init.zeros_(self.detail[-1].weight)
+            nn.init.zeros_(self.detail[-1].bias)
 
     def forward(self, depth: torch.Tensor) -> torch.Tensor:
         if depth.ndim != 4 or tuple(depth.shape[1:]) != (1, self.size, self.size):
             raise ValueError(f"depth tokenizer expects (items, 1, {self.size}, {self.size}), got {depth.shape}")
         grey = torch.where(depth > 0, 1.0 - depth, 0.0)  # a missing reading (0) is dark, not nearest
-        return super().forward((grey - self.grey_mean) / self.grey_std)
+        tokens = super().forward((grey - self.grey_mean) / self.grey_std)  # (items, [cls +] grid * grid, width)
+        if self.detail is None:
+            return tokens
+        detail = self.detail(grey).flatten(2).transpose(1, 2)  # (items, grid * grid, width), row-major as patches
+        patches = self.grid**2
+        return torch.cat([tokens[:, :-patches], tokens[:, -patches:] + detail], dim=1)
 
 
 def depth_tokenizer(universal, settings: dict) -> nn.Module:
