@@ -93,3 +93,17 @@ def test_bad_shapes_are_refused():
     t = _tensors()
     with pytest.raises(ValueError, match="targets"):
         head_cross_entropy(t["hidden"], t["weight"], t["targets"][:-1])
+
+
+def test_under_autocast_the_products_run_in_its_dtype_and_float32_weights_get_float32_gradients(small_chunks):
+    t = _tensors()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = head_cross_entropy(t["hidden"], t["weight"], t["targets"], t["bias"], rows=(t["ids"], t["rows"], None))
+        logits = F.linear(t["hidden"], t["weight"], t["bias"])  # what the plain head computes under autocast
+        logits = logits.index_copy(1, t["ids"], F.linear(t["hidden"], t["rows"], t["bias"][t["ids"]]))
+    assert logits.dtype == torch.bfloat16
+    torch.testing.assert_close(
+        loss, F.cross_entropy(logits.float(), t["targets"], reduction="sum"), rtol=1e-3, atol=1e-2
+    )
+    loss.backward()
+    assert t["weight"].grad.dtype == torch.float32 and t["rows"].grad.dtype == torch.float32

@@ -102,5 +102,13 @@ def head_cross_entropy(
             f"hidden must be (N, D) and targets (N,), got {tuple(hidden.shape)} and {tuple(targets.shape)}"
         )
     ids, new_rows, new_bias = rows if rows is not None else (None, None, None)
+    device = hidden.device.type
+    if torch.is_autocast_enabled(device):
+        # The products run in autocast's dtype, as F.linear would under it; the casts are autograd's, so float32
+        # weights get float32 gradients. Inside, autocast is off: the buffer is float32 and is written with out=.
+        dtype = torch.get_autocast_dtype(device)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+        new_rows = None if new_rows is None else new_rows.to(dtype)
     want_grad = torch.is_grad_enabled()
-    return _HeadCrossEntropy.apply(hidden, weight, bias, targets, ids, new_rows, new_bias, want_grad)
+    with torch.autocast(device, enabled=False):
+        return _HeadCrossEntropy.apply(hidden, weight, bias, targets, ids, new_rows, new_bias, want_grad)
