@@ -54,9 +54,9 @@ def test_depth_detail_branch_adds_to_its_own_patch_token(tower):
     """The detail branch's cells line up with the tower's patches (row-major, after any class token), and with the
     branch off the tokens are the tower's embedding whatever the branch learned."""
     torch.manual_seed(0)
-    tok = TowerDepthTokenizer(tower)  # 32 px, patch 8: a 4 x 4 grid
+    tok = TowerDepthTokenizer(tower, detail_channels=16)  # 32 px, patch 8: a 4 x 4 grid
     torch.nn.init.normal_(tok.detail[-1].weight)  # as if trained
-    plain = TowerDepthTokenizer(tower, detail_channels=0)
+    plain = TowerDepthTokenizer(tower)  # the default: no branch, so checkpoints from before it still load
     plain.load_state_dict({k: v for k, v in tok.state_dict().items() if not k.startswith("detail.")})
     assert plain.detail is None
     depth = torch.full((1, 1, 32, 32), 0.9)
@@ -77,8 +77,18 @@ def test_depth_tokenizer_checks_its_input_and_settings(tower):
         get_modality("depth").tokenizer(tower, {"patch": 8})  # the tower's patch is the patch
     with pytest.raises(ValueError, match=r"expects \(items, 1, 32, 32\)"):
         TowerDepthTokenizer(tower)(torch.zeros(2, 1, 16, 16))
-    # Without a tower (inside the projector family's modality transformer): a fresh convolution.
+    # Without a tower (inside the projector family's modality transformer): a fresh convolution, which takes the
+    # detail branch too (a recipe's settings serve both families); it starts as the tokenizer without it.
     assert isinstance(get_modality("depth").tokenizer(type("W", (), {"hidden_size": 8})(), {}), DepthTokenizer)
+    torch.manual_seed(0)
+    fresh = DepthTokenizer(8, detail_channels=4)
+    plain = DepthTokenizer(8)
+    plain.load_state_dict({k: v for k, v in fresh.state_dict().items() if not k.startswith("detail.")})
+    depth = torch.rand(2, 1, 32, 32)
+    torch.testing.assert_close(fresh(depth), plain(depth))
+    torch.nn.init.normal_(fresh.detail[-1].weight)
+    assert not torch.allclose(fresh(depth)[:, 1:], plain(depth)[:, 1:])
+    torch.testing.assert_close(fresh(depth)[:, :1], plain(depth)[:, :1])  # the class token is left alone
 
 
 def test_a_still_clip_is_each_frames_image_tokens(tower):

@@ -108,11 +108,42 @@ def preprocess_depth(depth: np.ndarray, encoder) -> torch.Tensor:
     return (x[0] / encoder.max_depth).clamp(0.0, 1.0)
 
 
+def detail_branch(channels: int, grid: int, width: int) -> nn.Module:
+    """(items, 1, H, W) -> (items, width, grid, grid): two 3x3 convolutions at the map's own resolution, max-pooled
+    onto the patch grid. A patch embedding sees an object a patch or two wide as a blur, too coarse to tell a circle
+    from a square (the embedded near_shape question stayed near chance without this); edges and corners are what
+    3x3 filters see. The last layer starts at zero, so a tokenizer with the branch starts as one without."""
+    if not isinstance(channels, int) or channels < 1:
+        raise ValueError(f"depth tokenizer: detail_channels must be an integer >= 0, got {channels!r}")
+    branch = nn.Sequential(
+        nn.Conv2d(1, channels, 3, padding=1),
+        nn.GELU(),
+        nn.Conv2d(channels, channels, 3, padding=1),
+        nn.GELU(),
+        nn.AdaptiveMaxPool2d(grid),  # one cell per patch
+        nn.Conv2d(channels, width, 1),
+    )
+    nn.init.zeros_(branch[-1].weight)
+    nn.init.zeros_(branch[-1].bias)
+    return branch
+
+
+def add_detail(tokens: torch.Tensor, detail: nn.Module | None, image: torch.Tensor, grid: int) -> torch.Tensor:
+    """`tokens` (items, [cls +] grid * grid, width) with the detail branch's cells added to the patch tokens."""
+    if detail is None:
+        return tokens
+    cells = detail(image).flatten(2).transpose(1, 2)  # (items, grid * grid, width), row-major as the patches
+    return torch.cat([tokens[:, : -(grid**2)], tokens[:, -(grid**2) :] + cells], dim=1)
+
+
 class DepthTokenizer(nn.Module):
     """The onellm family's depth tokenizer: a Conv2d patch embedding of the one depth channel after a learned class
-    token, with learned positions. (items, 1, size, size) -> (items, 1 + (size / patch) ** 2, width)."""
+    token, with learned positions; `detail_channels` > 0 adds `detail_branch`.
+    (items, 1, size, size) -> (items, 1 + (size / patch) ** 2, width)."""
 
-    def __init__(self, width: int, *, size: int = 32, patch: int = 8, max_depth: float = 10.0):
+    def __init__(
+        self, width: int, *, size: int = 32, patch: int = 8, max_depth: float = 10.0, detail_channels: int = 0
+    ):
         super().__init__()
         for key, value in dict(size=size, patch=patch).items():
             if not isinstance(value, int) or value < 1:
@@ -127,12 +158,15 @@ class DepthTokenizer(nn.Module):
         self.proj = nn.Conv2d(1, width, kernel_size=patch, stride=patch)
         self.cls = nn.Parameter(torch.zeros(1, 1, width))
         self.pos = nn.Parameter(torch.randn(self.num_tokens, width) * 0.02)
+        self.grid = size // patch
+        self.detail = detail_branch(detail_channels, self.grid, width) if detail_channels else None
 
     def forward(self, depth: torch.Tensor) -> torch.Tensor:
         if depth.ndim != 4 or tuple(depth.shape[1:]) != (1, self.size, self.size):
             raise ValueError(f"depth tokenizer expects (items, 1, {self.size}, {self.size}), got {depth.shape}")
         x = self.proj(depth).flatten(2).transpose(1, 2)  # (items, patches, width)
-        return torch.cat([self.cls.expand(len(x), -1, -1), x], dim=1) + self.pos
+        tokens = torch.cat([self.cls.expand(len(x), -1, -1), x], dim=1) + self.pos
+        return add_detail(tokens, self.detail, depth, self.grid)
 
 
 class TowerDepthTokenizer(ImageTokenizer):
@@ -142,47 +176,25 @@ class TowerDepthTokenizer(ImageTokenizer):
     sees shapes and sides; a fresh convolution with fresh positions left the frozen tower blind to which side is
     near. (items, 1, size, size) -> (items, num_tokens, width), size and tokens those of the tower.
 
-    `detail_channels` > 0 adds a detail branch: two 3x3 convolutions at the map's own resolution, max-pooled onto
-    the patch grid and added to the patch tokens. A patch embedding sees an object a patch or two wide as a blur
-    of a few pixels per patch, too coarse to tell a circle from a square (the embedded near_shape question was
-    the one the tower's tokens could not answer); edges and corners are what 3x3 filters see. The branch's last
-    layer starts at zero, so the tokenizer starts as the tower's own patch embedding."""
+    `detail_channels` > 0 adds `detail_branch` to the patch tokens (the shipped onellm curriculum sets 16)."""
 
-    def __init__(self, universal, *, max_depth: float = 10.0, detail_channels: int = 16):
+    def __init__(self, universal, *, max_depth: float = 10.0, detail_channels: int = 0):
         if not max_depth > 0:
             raise ValueError(f"depth tokenizer: max_depth must be positive (metres), got {max_depth!r}")
-        if not isinstance(detail_channels, int) or detail_channels < 0:
-            raise ValueError(f"depth tokenizer: detail_channels must be an integer >= 0, got {detail_channels!r}")
         super().__init__(universal)
         self.size, self.max_depth = self.image_size, float(max_depth)
         # One grey level per channel, normalised as the tower normalises images.
         self.register_buffer("grey_mean", torch.tensor(self.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("grey_std", torch.tensor(self.std).view(1, 3, 1, 1), persistent=False)
         self.grid = self.image_size // self.patch_size
-        self.detail = None
-        if detail_channels:
-            c = detail_channels
-            self.detail = nn.Sequential(
-                nn.Conv2d(1, c, 3, padding=1),
-                nn.GELU(),
-                nn.Conv2d(c, c, 3, padding=1),
-                nn.GELU(),
-                nn.AdaptiveMaxPool2d(self.grid),  # one cell per patch of the tower's grid
-                nn.Conv2d(c, self.hidden_size, 1),
-            )
-            nn.init.zeros_(self.detail[-1].weight)
-            nn.init.zeros_(self.detail[-1].bias)
+        self.detail = detail_branch(detail_channels, self.grid, self.hidden_size) if detail_channels else None
 
     def forward(self, depth: torch.Tensor) -> torch.Tensor:
         if depth.ndim != 4 or tuple(depth.shape[1:]) != (1, self.size, self.size):
             raise ValueError(f"depth tokenizer expects (items, 1, {self.size}, {self.size}), got {depth.shape}")
         grey = torch.where(depth > 0, 1.0 - depth, 0.0)  # a missing reading (0) is dark, not nearest
         tokens = super().forward((grey - self.grey_mean) / self.grey_std)  # (items, [cls +] grid * grid, width)
-        if self.detail is None:
-            return tokens
-        detail = self.detail(grey).flatten(2).transpose(1, 2)  # (items, grid * grid, width), row-major as patches
-        patches = self.grid**2
-        return torch.cat([tokens[:, :-patches], tokens[:, -patches:] + detail], dim=1)
+        return add_detail(tokens, self.detail, grey, self.grid)
 
 
 def depth_tokenizer(universal, settings: dict) -> nn.Module:
