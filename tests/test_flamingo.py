@@ -239,3 +239,18 @@ def test_left_padding_does_not_change_answers(shapes):
     alone = generate(model, [short], {"image": images[:1]}, pad_id=0, stop_ids=[], max_new_tokens=4)
     assert together[0] == alone[0]
     assert left_pad([short, long], 0)[1][0].tolist()[:5] == [0] * 5
+
+
+def test_training_loss_reads_the_new_tokens_output_rows(shapes):
+    """The training loss (the chunked head pass) scores `<image>` / `<|endofchunk|>` targets with the new tokens'
+    rows, as the logits do; once those rows leave the LM's, the LM's own rows would give another loss."""
+    model, tok = build_model(flamingo_config(shapes["tokenizer"]))
+    open_gates(model)
+    with torch.no_grad():
+        model.new_tokens.output_rows.add_(torch.randn_like(model.new_tokens.output_rows))
+    ids = sequence(tok, "t I t t E I t E")
+    media = {"image": torch.randn(2, 3, 32, 32)}
+    with torch.no_grad():
+        logits = model(ids, media=media)["logits"][0, :-1]  # (T - 1, V)
+        loss = model(ids, media=media, labels=ids)["loss_sum"]
+    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(logits.float(), ids[0, 1:], reduction="sum"))

@@ -18,7 +18,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmalign.config import FlamingoConfig
-from mmalign.models.head_loss import head_cross_entropy
 from mmalign.models.multimodal import DecodeState, MultimodalLM
 from mmalign.models.xattn import (
     CONTEXT_KEY,
@@ -135,12 +134,9 @@ class FlamingoLM(MultimodalLM):
         head = self.lm_head
         return self.new_tokens.logits(hidden, head.weight, head.bias)
 
-    def head_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        head, new = self.lm_head, self.new_tokens
-        if type(head) is not nn.Linear:
-            return super().head_loss(hidden, targets)
-        rows = (new.ids, new.output_rows, None if head.bias is None else head.bias[new.ids])
-        return head_cross_entropy(hidden, head.weight, targets, head.bias, rows=rows)
+    def replaced_rows(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        bias, new = self.lm_head.bias, self.new_tokens
+        return new.ids, new.output_rows, None if bias is None else bias[new.ids]
 
     def decode_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.logits(hidden)  # the new tokens' rows take over some of the head's columns

@@ -58,9 +58,8 @@ class _HeadCrossEntropy(torch.autograd.Function):
             if ids is not None:
                 p_new = p[:, ids]  # (m, k): these columns' gradient goes to the replacement rows
                 p[:, ids] = 0
-            pw = p.to(weight.dtype)
             if need[0]:
-                g_hidden[start : start + m] = pw @ weight
+                g_hidden[start : start + m] = p.to(weight.dtype) @ weight
                 if ids is not None:  # through a replaced column the gradient reads the replacement row
                     g_hidden[start : start + m] += p_new.to(rows.dtype) @ rows
             if need[1]:

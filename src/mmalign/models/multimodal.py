@@ -200,7 +200,11 @@ class MultimodalLM(nn.Module):
         head = self.lm_head
         if type(head) is not nn.Linear:
             return F.cross_entropy(self.logits(hidden).float(), targets, reduction="sum")
-        return head_cross_entropy(hidden, head.weight, targets, head.bias)
+        return head_cross_entropy(hidden, head.weight, targets, head.bias, rows=self.replaced_rows())
+
+    def replaced_rows(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
+        """(ids, rows, their bias) of output rows the family uses in place of the head's own; None here."""
+        return None
 
     # ---------------------------------------------------------------- generation
     def prefill(
