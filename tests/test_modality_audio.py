@@ -226,6 +226,53 @@ def test_tokenizer_shapes_gradients_and_settings():
         SpectrogramTokenizer(8, n_mels=-1)
 
 
+def glide(start: float, stop: float, seconds: float = 0.6) -> np.ndarray:
+    """A tone gliding geometrically from `start` to `stop` Hz; its time reversal glides the other way."""
+    t = np.arange(int(SAMPLE_RATE * seconds)) / SAMPLE_RATE
+    freq = start * (stop / start) ** (t / seconds)
+    return (0.5 * np.sin(2 * np.pi * np.cumsum(freq) / SAMPLE_RATE)).astype(np.float32)
+
+
+def test_glide_branch_starts_silent_and_stays_local_in_time():
+    torch.manual_seed(0)
+    plain, detailed = SpectrogramTokenizer(16), SpectrogramTokenizer(16, detail_channels=4)
+    detailed.load_state_dict(plain.state_dict(), strict=False)  # the shared proj, class token and positions
+    spec = preprocess_audio(torch.from_numpy(glide(300, 1200)), plain)[None]
+    torch.testing.assert_close(detailed(spec), plain(spec))  # its projection starts at zero
+    torch.nn.init.normal_(detailed.detail_out.weight)
+    changed = spec.clone()
+    changed[0, 10] += 1.0  # one frame: two 3x3 layers reach two frames either side, and never the class token
+    moved = (detailed(changed) - plain(changed)) - (detailed(spec) - plain(spec))
+    reached = moved.abs().amax(-1)[0].nonzero().flatten().tolist()
+    assert reached == [1 + f for f in range(8, 13)]
+    with pytest.raises(ValueError, match="detail_channels"):
+        SpectrogramTokenizer(8, detail_channels=-2)
+
+
+@pytest.mark.parametrize("channels", [0, 8])
+def test_glide_branch_tells_a_rising_tone_from_its_reversal(channels):
+    """Mean-pooled frame tokens are blind to time order (each frame is projected alone), so a rising glide and the
+    same glide reversed pool to the same vector; the branch sees the slope."""
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    tok = SpectrogramTokenizer(16, detail_channels=channels)
+    rising = [glide(f, f * rng.uniform(1.8, 2.2)) for f in rng.uniform(200, 800, 48)]
+    waves = rising + [w[::-1].copy() for w in rising]
+    x = torch.stack([preprocess_audio(torch.from_numpy(w), tok) for w in waves])
+    y = torch.tensor([0] * len(rising) + [1] * len(rising))
+    head = torch.nn.Linear(16, 2)
+    opt = torch.optim.Adam([*tok.parameters(), *head.parameters()], lr=1e-2)
+    train, test = torch.arange(len(y)) % 4 != 0, torch.arange(len(y)) % 4 == 0
+    for _ in range(150):
+        loss = torch.nn.functional.cross_entropy(head(tok(x[train]).mean(1)), y[train])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        accuracy = (head(tok(x[test]).mean(1)).argmax(1) == y[test]).float().mean().item()
+    assert accuracy >= 0.9 if channels else accuracy <= 0.6
+
+
 # --- synthetic tones ----------------------------------------------------------------------------------------------
 
 

@@ -24,10 +24,21 @@ def unboxed(text: str) -> str:
 
 @pytest.mark.slow
 def test_onellm_quickstart_runs_the_curriculum_and_reports_every_modality(tmp_path):
-    console = Console(record=True, width=200)
     sizes = dict(n_train=24, n_test=3, vision_steps=10, lm_steps=20, bind_steps=5, epochs=1)
-    result = run_onellm_quickstart(tmp_path / "out", tmp_path / "data", **sizes, compare=True, progress=False,
-                                   console=console)  # fmt: skip
+    first = run_onellm_quickstart(tmp_path / "out", tmp_path / "data", **sizes, progress=False,
+                                  console=Console(width=200))  # fmt: skip
+    assert "projector" not in first
+    written = {p: p.stat().st_mtime_ns for p in (tmp_path / "out").rglob("*.safetensors")}
+    # --compare --resume on the finished run: stage 0 and the onellm curriculum are kept, only the twin trains.
+    console = Console(record=True, width=200)
+    result = run_onellm_quickstart(tmp_path / "out", tmp_path / "data", **sizes, compare=True, resume=True,
+                                   progress=False, console=console)  # fmt: skip
+    assert all(p.stat().st_mtime_ns == t for p, t in written.items())
+    text = console.export_text()
+    said = " ".join(text.split())
+    kept = ["the image tower", "the LM", *(f"the {m} tokenizer" for m in synthetic_modalities() if m != "image")]
+    assert "kept from the stopped run" in said and all(part in said for part in kept)
+    assert result["modalities"] == first["modalities"]
     modalities = synthetic_modalities()
     assert set(result["modalities"]) == set(modalities)
     for row in result["modalities"].values():
@@ -40,7 +51,6 @@ def test_onellm_quickstart_runs_the_curriculum_and_reports_every_modality(tmp_pa
     image_keys = [k for k in first if k.startswith("encoders.image.")]
     assert image_keys and all((first[k] == second[k]).all() for k in image_keys)
     assert any(not (first[k] == second[k]).all() for k in second if k.startswith("encoders.video."))
-    text = console.export_text()
     assert all(m in text for m in modalities) and "after the image stage" in text
     assert json.loads((tmp_path / "out" / "results.json").read_text())["checkpoint"] == result["checkpoint"]
     # The projector twin: one encoder and MLP per modality; the image tower frozen, the other encoders trained.
@@ -78,7 +88,7 @@ def test_onellm_quickstart_on_a_pretrained_siglip_tower(tmp_path):
     assert not any(k.startswith("universal.") for k in saved)
 
 
-def test_cli_checks_the_encoder_before_running(tmp_path):
+def test_cli_checks_the_encoder_and_resume_before_running(tmp_path):
     from typer.testing import CliRunner
 
     from mmalign.cli import app
@@ -90,6 +100,9 @@ def test_cli_checks_the_encoder_before_running(tmp_path):
     assert out.exit_code == 2 and "not a CLIP or SigLIP" in unboxed(out.output)
     out = runner.invoke(app, ["quickstart", "--encoder", str(tmp_path / "llama")])
     assert out.exit_code == 2 and "--family onellm" in unboxed(out.output)
+    out = runner.invoke(app, ["quickstart", "--resume", "--out", str(tmp_path / "z")])
+    assert out.exit_code == 2 and "use it with --family onellm" in unboxed(out.output)
+    assert not (tmp_path / "z").exists()
 
 
 def test_overrides_reach_the_curriculum_and_bad_ones_stop_the_cli(tmp_path):

@@ -80,6 +80,12 @@ def quickstart(
         help="--family onellm: also run the same curriculum with the projector family (one encoder and MLP per "
         "modality, same data and budget) and print both side by side.",
     ),
+    resume: bool = typer.Option(
+        False,
+        help="--family onellm: go on from a stopped run in --out: stage 0's finished parts are kept, each curriculum "
+        "skips its finished stages and continues a stopped one (so --compare --resume on a finished run trains only "
+        "the projector family).",
+    ),
     encoder: Path = typer.Option(
         None,
         help="--family onellm: a pretrained Hugging Face CLIP or SigLIP vision tower (a folder with config.json and "
@@ -122,9 +128,11 @@ def quickstart(
         except (OSError, KeyError, ValueError) as err:  # the messages name the folder or the key
             raise typer.BadParameter(_message(err)) from None
         out = Path("runs/quickstart_onellm") if out == Path("runs/quickstart") else out
-        run_onellm_quickstart(out, encoder=encoder, overrides=overrides, compare=compare, seed=seed,
+        run_onellm_quickstart(out, encoder=encoder, overrides=overrides, compare=compare, resume=resume, seed=seed,
                               progress=progress, console=console)  # fmt: skip
         return
+    if resume:
+        raise typer.BadParameter("--resume goes on from a stopped --family onellm run; use it with --family onellm")
     if encoder is not None:
         raise typer.BadParameter("--encoder sets the onellm family's universal encoder: use it with --family onellm")
     if dataset not in ("shapes", "glyphs"):

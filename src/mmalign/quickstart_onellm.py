@@ -41,19 +41,26 @@ def check_inputs(encoder: str | Path | None, overrides: list[str] | None, recipe
 
 
 def stage0(folder: Path, files: dict, out: Path, *, vision_steps: int, lm_steps: int, bind_steps: int, seed: int,
-           console, progress, encoder: Path | None = None, settings: dict[str, dict] | None = None):  # fmt: skip
+           console, progress, encoder: Path | None = None, settings: dict[str, dict] | None = None,
+           resume: bool = False):  # fmt: skip
     """The universal encoder's start (`encoder`, a pretrained CLIP or SigLIP tower, or else an image tower aligned
     by LiT to the locked MiniLM on the image captions), every other modality's tokenizer bound to text through that
     frozen tower (built with `settings[modality]`, the curriculum's tokenizer settings, so the curriculum can load
-    it), and a tiny LM pretrained on every modality's text, with the data's word-level tokenizer."""
+    it), and a tiny LM pretrained on every modality's text, with the data's word-level tokenizer. With `resume`,
+    each part a stopped run finished is kept (its weights are written last) and a stopped run of the Trainer goes
+    on from its checkpoint."""
     from mmalign.contrastive.tokenizers import bind_tokenizers
     from mmalign.contrastive.train import train_lit
     from mmalign.models.encoders import tower_family
     from mmalign.train.pretrain import pretrain_lm
 
-    if encoder is None:
+    kept = []
+    if encoder is None and resume and (out / "encoder" / "model.safetensors").is_file():
+        encoder = out / "encoder"
+        kept.append("the image tower")
+    elif encoder is None:
         lit = train_lit(files["image"]["captions"], out / "contrastive", image_folder=folder, steps=vision_steps,
-                        seed=seed, console=console, progress=progress)  # fmt: skip
+                        seed=seed, resume=resume, console=console, progress=progress)  # fmt: skip
         encoder = out / "encoder"
         shutil.copytree(lit["image_encoder"], encoder, dirs_exist_ok=True)
         recall = lit["retrieval"]["image_to_text_R@1"]
@@ -61,12 +68,21 @@ def stage0(folder: Path, files: dict, out: Path, *, vision_steps: int, lm_steps:
     else:
         console.print(f"image tower: the {tower_family(encoder)} tower at {encoder} (no LiT)")
     others = {m: f["captions"] for m, f in files.items() if m != "image"}
-    bind_tokenizers(encoder, others, folder, out / "tokenizers", steps=bind_steps, seed=seed, settings=settings,
-                    console=console, progress=progress)  # fmt: skip
-    texts = [f[k] for f in files.values() for k in ("captions", "conversations")]
-    lm = pretrain_lm(texts, folder / "tokenizer", out / "lm", steps=lm_steps, seed=seed, console=console,
-                     progress=progress)  # fmt: skip
-    console.print(f"LM: loss {lm['first_loss']:.2f} -> {lm['last_loss']:.2f}")
+    bound = [m for m in others if resume and (out / "tokenizers" / f"{m}.safetensors").is_file()]
+    kept += [f"the {m} tokenizer" for m in bound]
+    others = {m: path for m, path in others.items() if m not in bound}
+    if others:
+        bind_tokenizers(encoder, others, folder, out / "tokenizers", steps=bind_steps, seed=seed, settings=settings,
+                        resume=resume, console=console, progress=progress)  # fmt: skip
+    if resume and (out / "lm" / "model.safetensors").is_file():
+        kept.append("the LM")
+    else:
+        texts = [f[k] for f in files.values() for k in ("captions", "conversations")]
+        lm = pretrain_lm(texts, folder / "tokenizer", out / "lm", steps=lm_steps, seed=seed, console=console,
+                         progress=progress)  # fmt: skip
+        console.print(f"LM: loss {lm['first_loss']:.2f} -> {lm['last_loss']:.2f}")
+    if kept:
+        console.print(f"kept from the stopped run in {out}: {', '.join(kept)}")
     return {"encoder": Path(encoder), "lm": out / "lm", "tokenizers": out / "tokenizers"}
 
 
@@ -122,6 +138,8 @@ def projector_twin(cfg, encoder: Path, out: Path):
         for m in cfg.model.media
     }
     twin.train.out_dir = str(out)
+    # A slower rate for the onellm tokenizers keeps their stage-0 binding; the twin's encoders start random.
+    twin.train.group_lr = {g: lr for g, lr in cfg.train.group_lr.items() if g.split(".")[0] != "tokenizer"}
     for stage in twin.stages:
         groups = []
         for g in stage.trainable:
@@ -207,12 +225,13 @@ def run_onellm_quickstart(
     n_test: int = 100,
     vision_steps: int = 600,
     lm_steps: int = 400,
-    bind_steps: int = 300,
+    bind_steps: int = 1000,
     encoder: str | Path | None = None,
     overrides: list[str] | None = None,
     epochs: float | None = None,
     limit: int | None = None,
     compare: bool = False,
+    resume: bool = False,
     seed: int = 0,
     progress: bool = True,
     console: Console | None = None,
@@ -220,8 +239,10 @@ def run_onellm_quickstart(
     """Data, stage 0, the curriculum, and the per-modality table; `encoder` (a Hugging Face CLIP or SigLIP vision
     tower's folder) replaces stage 0's LiT tower as the universal encoder; `overrides` (key=value) change the
     curriculum recipe, for both families; with `compare`, the same curriculum for the
-    projector family on the same stage 0, and a side-by-side table. The size arguments shrink the run (tests use
-    them); the defaults are what the README reports."""
+    projector family on the same stage 0, and a side-by-side table. With `resume`, what a stopped run in `out`
+    finished is kept (stage 0's parts, each curriculum's finished stages) and the rest goes on from its checkpoint:
+    `compare` and `resume` on a finished run train only the projector family. The size arguments shrink the run
+    (tests use them); the defaults are what the README reports."""
     from mmalign.train.curriculum import run_curriculum
 
     console = console or Console()
@@ -234,9 +255,9 @@ def run_onellm_quickstart(
                   "tokenizer bound to text through it, and the LM")  # fmt: skip
     base = stage0(folder, files, out / "base", vision_steps=vision_steps, lm_steps=lm_steps, bind_steps=bind_steps,
                   seed=seed, console=console, progress=progress, encoder=encoder and Path(encoder),
-                  settings=settings)  # fmt: skip
+                  settings=settings, resume=resume)  # fmt: skip
     cfg = curriculum_recipe(recipe, folder, base, out / "curriculum", seed, progress, epochs, overrides)
-    summaries = run_curriculum(cfg, console=console)
+    summaries = run_curriculum(cfg, resume=resume, console=console)
     train_seconds = time.time() - start
     modalities = [m for m in cfg.model.media if m in files]
     first = Path(summaries[0]["checkpoint"])
@@ -261,7 +282,7 @@ def run_onellm_quickstart(
     if compare:
         console.print("[bold]the projector family[/] on the same curriculum (one encoder and MLP per modality)")
         twin = projector_twin(cfg, base["encoder"], out / "projector")
-        twin_summaries = run_curriculum(twin, console=console)
+        twin_summaries = run_curriculum(twin, resume=resume, console=console)
         twin_final = Path(twin_summaries[-1]["checkpoint"])
         other = evaluate_modalities(twin_final, twin.data, files, folder, modalities=modalities, limit=limit,
                                     progress=progress)  # fmt: skip
