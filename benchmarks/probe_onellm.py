@@ -48,6 +48,13 @@ def mean_features(model, modality: str, raws: list, batch_size: int = 128) -> to
     return torch.cat([model.features(modality, x[i : i + batch_size]).mean(1) for i in range(0, len(x), batch_size)])
 
 
+def label(checkpoint: Path) -> str:
+    """A stage folder by its run and stage: qo/1-image (the run is the folder above `curriculum`)."""
+    parts = checkpoint.resolve().parts
+    run = parts[-3] if len(parts) >= 3 and parts[-2] == "curriculum" else checkpoint.resolve().parent.name
+    return f"{run}/{checkpoint.name}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoints", nargs="+", type=Path, help="curriculum stage folders, in order")
@@ -55,15 +62,12 @@ def main() -> None:
     parser.add_argument("--modalities", nargs="*", default=["video", "audio", "point", "depth", "imu", "signal"])
     args = parser.parse_args()
     console = Console()
-    table = Table(title="linear probe on the universal encoder's mean token, held-out accuracy")
-    table.add_column("checkpoint")
-    rows: dict[str, list[str]] = {}
-    columns: list[str] = []
+    console = console if console.width >= 140 else Console(width=140)  # a file or a narrow terminal
+    scores: dict[str, dict[str, str]] = {}  # {"modality question": {checkpoint: accuracy}}
     raw_cache: dict[str, object] = {}
     for checkpoint in args.checkpoints:
         model, _, _ = load_checkpoint(checkpoint)
         model.eval()
-        cells = []
         for m in args.modalities:
             spec = get_modality(m)
             train = labelled_items(args.data / f"{m}_conversations_train.json", m, spec.synthetic.questions)
@@ -79,20 +83,20 @@ def main() -> None:
                 seen = [(p, a) for p, a in test[kind] if a in index]
                 if not train[kind] or not seen:
                     continue
+                torch.manual_seed(0)  # the probe's own start: repeats give the same figures
                 acc = linear_probe(
                     torch.stack([feats[p] for p, _ in train[kind]]),
                     torch.tensor([index[a] for _, a in train[kind]]),
                     torch.stack([feats[p] for p, _ in seen]),
                     torch.tensor([index[a] for _, a in seen]),
                 )
-                if checkpoint == args.checkpoints[0]:
-                    columns.append(f"{m} {kind}")
-                cells.append(f"{acc:.0%}")
-        rows[checkpoint.name] = cells
-    for col in columns:
-        table.add_column(col, justify="right")
-    for name, cells in rows.items():
-        table.add_row(name, *cells)
+                scores.setdefault(f"{m} {kind}", {})[label(checkpoint)] = f"{acc:.0%}"
+    table = Table(title="linear probe on the universal encoder's mean token, held-out accuracy")
+    table.add_column("modality, question")
+    for checkpoint in args.checkpoints:
+        table.add_column(label(checkpoint), justify="right")
+    for question, row in scores.items():
+        table.add_row(question, *(row.get(label(c), "") for c in args.checkpoints))
     console.print(table)
 
 
