@@ -366,7 +366,7 @@ def glide_branch(channels: int) -> nn.Module:
     """(items, 1, frames, bands) -> (items, channels, frames): two 3x3 convolutions over the spectrogram, max-pooled
     over the bands. One frame's token sees its own bands only, so a tone gliding up and one gliding down differ only
     in how neighbouring tokens relate, which the frozen tower reads poorly: a linear probe on the tower's mean token
-    told the embedded rising, falling and steady tones apart for 66-73% of held-out clips, and for 100% with this
+    told the embedded rising, falling and steady tones apart for 69-71% of held-out clips, and for 100% with this
     branch (benchmarks/probe_onellm.py). A 3x3 filter sees the glide's slope in one place."""
     if not isinstance(channels, int) or channels < 1:
         raise ValueError(f"audio tokenizer: detail_channels must be an integer >= 0, got {channels!r}")
