@@ -17,7 +17,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from mmalign.modalities.base import MediaError, Modality, Synthetic, check_limit, register_modality, require_file
+from mmalign.modalities.base import (
+    MediaError,
+    Modality,
+    Synthetic,
+    check_limit,
+    detail_convs,
+    register_modality,
+    require_file,
+)
 from mmalign.registry import register_encoder
 
 SAMPLE_RATE = 8000
@@ -368,13 +376,8 @@ def glide_branch(channels: int) -> nn.Module:
     in how neighbouring tokens relate, which the frozen tower reads poorly: a linear probe on the tower's mean token
     told the embedded rising, falling and steady tones apart for 69-71% of held-out clips, and for 100% with this
     branch (benchmarks/probe_onellm.py). A 3x3 filter sees the glide's slope in one place."""
-    if not isinstance(channels, int) or channels < 1:
-        raise ValueError(f"audio tokenizer: detail_channels must be an integer >= 0, got {channels!r}")
     return nn.Sequential(
-        nn.Conv2d(1, channels, 3, padding=1),
-        nn.GELU(),
-        nn.Conv2d(channels, channels, 3, padding=1),
-        nn.GELU(),
+        *detail_convs(channels, "audio tokenizer"),
         nn.AdaptiveMaxPool2d((None, 1)),  # over the bands: the slope, wherever the pitch is
         nn.Flatten(2),
     )

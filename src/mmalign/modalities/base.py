@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+from torch import nn
 
 from mmalign.config import MediaLimits
 from mmalign.registry import Registry
@@ -121,6 +122,16 @@ def is_number(cell: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def detail_convs(channels: int, tokenizer: str) -> list[nn.Module]:
+    """Two 3x3 convolutions with GELU over a one-channel map at its own resolution, (items, 1, H, W) ->
+    (items, channels, H, W): the local pattern a patch or frame token is too coarse to see (a corner on a depth map,
+    a tone's slope on a spectrogram). The modules of a tokenizer's detail branch, before its own pooling;
+    `channels` is the tokenizer's `detail_channels`."""
+    if not isinstance(channels, int) or channels < 1:
+        raise ValueError(f"{tokenizer}: detail_channels must be an integer >= 0, got {channels!r}")
+    return [nn.Conv2d(1, channels, 3, padding=1), nn.GELU(), nn.Conv2d(channels, channels, 3, padding=1), nn.GELU()]
 
 
 @dataclass(frozen=True)

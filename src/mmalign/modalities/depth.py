@@ -26,6 +26,7 @@ from mmalign.modalities.base import (
     MediaError,
     Modality,
     Synthetic,
+    detail_convs,
     load_npy,
     open_image,
     register_modality,
@@ -113,13 +114,8 @@ def detail_branch(channels: int, grid: int, width: int) -> nn.Module:
     onto the patch grid. A patch embedding sees an object a patch or two wide as a blur, too coarse to tell a circle
     from a square (the embedded near_shape question stayed near chance without this); edges and corners are what
     3x3 filters see. The last layer starts at zero, so a tokenizer with the branch starts as one without."""
-    if not isinstance(channels, int) or channels < 1:
-        raise ValueError(f"depth tokenizer: detail_channels must be an integer >= 0, got {channels!r}")
     branch = nn.Sequential(
-        nn.Conv2d(1, channels, 3, padding=1),
-        nn.GELU(),
-        nn.Conv2d(channels, channels, 3, padding=1),
-        nn.GELU(),
+        *detail_convs(channels, "depth tokenizer"),
         nn.AdaptiveMaxPool2d(grid),  # one cell per patch
         nn.Conv2d(channels, width, 1),
     )
