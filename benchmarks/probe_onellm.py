@@ -64,20 +64,20 @@ def main() -> None:
     console = Console()
     console = console if console.width >= 140 else Console(width=140)  # a file or a narrow terminal
     scores: dict[str, dict[str, str]] = {}  # {"modality question": {checkpoint: accuracy}}
-    raw_cache: dict[str, object] = {}
+    # Every checkpoint probes the same items: read the labels and load the files once.
+    items = {}
+    for m in args.modalities:
+        questions = get_modality(m).synthetic.questions
+        train = labelled_items(args.data / f"{m}_conversations_train.json", m, questions)
+        test = labelled_items(args.data / f"{m}_qa_test.json", m, questions)
+        paths = sorted({p for pairs in (*train.values(), *test.values()) for p, _ in pairs})
+        items[m] = train, test, paths, [get_modality(m).load(args.data / p) for p in paths]
     for checkpoint in args.checkpoints:
         model, _, _ = load_checkpoint(checkpoint)
         model.eval()
-        for m in args.modalities:
-            spec = get_modality(m)
-            train = labelled_items(args.data / f"{m}_conversations_train.json", m, spec.synthetic.questions)
-            test = labelled_items(args.data / f"{m}_qa_test.json", m, spec.synthetic.questions)
-            paths = sorted({p for items in (*train.values(), *test.values()) for p, _ in items})
-            for p in paths:
-                if p not in raw_cache:
-                    raw_cache[p] = spec.load(args.data / p)
-            feats = dict(zip(paths, mean_features(model, m, [raw_cache[p] for p in paths]), strict=True))
-            for kind in spec.synthetic.questions:
+        for m, (train, test, paths, raws) in items.items():
+            feats = dict(zip(paths, mean_features(model, m, raws), strict=True))
+            for kind in train:
                 answers = sorted({a for _, a in train[kind]})
                 index = {a: i for i, a in enumerate(answers)}
                 seen = [(p, a) for p, a in test[kind] if a in index]
