@@ -1,6 +1,7 @@
 """Mutation testing of the core modules, on demand (not in CI): how many small planted bugs the tests catch.
 
     python scripts/mutation.py                      # every mutant of every core module (hours on 2 cores)
+    python scripts/mutation.py --minutes 60         # the same, stopped after an hour; run it again to go on
     python scripts/mutation.py optim generate       # some modules, by short name
     python scripts/mutation.py --sample 40          # 40 mutants drawn per module (seeded): an estimate in ~40 min
     python scripts/mutation.py --retry              # the last run's missed mutants again, after adding tests
@@ -12,6 +13,11 @@ tests that reach the mutated function (from the `[tool.mutmut]` test selection i
 it, then prints per module the mutants killed and survived and the score (killed / all), and every survivor with its
 diff, except those listed in scripts/mutation_equivalent.toml as equivalent (a change no test could see), which are
 counted and shown with their reason.
+
+A run over every mutant goes on where the last one stopped (`--minutes`, Ctrl-C, a closed session): mutmut keeps each
+verdict in mutants/ as it comes, and this script passes it only the mutants still without one. A verdict is dropped
+when the function it mutated changes (mutmut hashes each function), not when the tests change: `--retry` reruns the
+missed mutants against the tests as they are now.
 
 mutmut runs each mutant in-process, so tests that start processes (torchrun, a killed run) are left out of its
 selection, and mutants only they can see (DDP, FSDP, resuming after SIGKILL) survive there. `--outside` writes each
@@ -27,6 +33,7 @@ import json
 import math
 import os
 import random
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -41,6 +48,7 @@ CORE = {
     for path in tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["mutmut"]["only_mutate"]
 }
 KILLED = {"killed", "timeout", "segfault", "caught by type check", "killed outside"}
+UNCHECKED = {"not checked", "check was interrupted by user"}  # no verdict: a resumed run checks these
 # The tests the [tool.mutmut] selection leaves out because they start processes; `--outside` runs them.
 OUTSIDE_TESTS = ["tests/test_distributed.py", "tests/test_kill_resume.py"]
 OUTSIDE = ROOT / "mutants" / "outside.json"  # {mutant name: "killed outside" | "survived outside"}
@@ -59,7 +67,7 @@ def dotted(path: str) -> str:
 
 def draw(modules: list[str], n: int, seed: int) -> dict[str, list[str]]:
     """`n` mutants per module, drawn at random (seeded) from all of its mutants."""
-    subprocess.run([sys.executable, "-c", GENERATE], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+    generate()
     rng = random.Random(seed)
     sample = {}
     for m in modules:
@@ -69,13 +77,35 @@ def draw(modules: list[str], n: int, seed: int) -> dict[str, list[str]]:
     return sample
 
 
-def run(names: list[str], children: int) -> int:
-    """mutmut over the mutants `names` (globs allowed; none: every mutant)."""
+def generate() -> None:
+    """mutmut's mutants of every core module, written again for the functions that changed since (their verdicts
+    dropped), the others' verdicts kept."""
+    subprocess.run([sys.executable, "-c", GENERATE], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+
+
+def run(names: list[str], children: int, minutes: float | None = None) -> int:
+    """mutmut over the mutants `names` (globs allowed; none: every mutant), stopped after `minutes` if given."""
     # One thread per test process: the children share the cores, and oversubscribed torch crawls.
     env = os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     cmd = [sys.executable, "-m", "mutmut", "run", "--max-children", str(children), *names]
     print("+", " ".join(cmd[:6]), f"... ({len(names)} names)" if names else "", flush=True)
-    return subprocess.call(cmd, cwd=ROOT, env=env)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env)
+    try:
+        return proc.wait(timeout=minutes * 60 if minutes else None)
+    except (subprocess.TimeoutExpired, KeyboardInterrupt):
+        # mutmut stops its workers on SIGINT; verdicts already in stay, the interrupted ones are run next time.
+        print(f"\nstopping mutmut{f' after {minutes:g} minutes' if minutes else ''}", flush=True)
+        proc.send_signal(signal.SIGINT)
+        try:
+            return proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            return proc.wait()
+
+
+def pending(modules: list[str]) -> list[str]:
+    """The mutants of `modules` without a verdict yet: never run, or stopped while running."""
+    return [n for m in modules for n, s in results(CORE[m]).items() if s in UNCHECKED]
 
 
 def interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -155,7 +185,8 @@ def missed(modules: list[str], sample: dict[str, list[str]] | None) -> list[str]
     names = []
     for m in modules:
         status = results(CORE[m])
-        names += [n for n in (sample[m] if sample else status) if status.get(n) not in KILLED]
+        # A run over every mutant that was stopped leaves some unchecked: resuming it checks those, not --retry.
+        names += [n for n in (sample[m] if sample else status) if status.get(n) not in KILLED | UNCHECKED]
     return names
 
 
@@ -168,33 +199,33 @@ def diff(name: str) -> str:
 
 
 def report(modules: list[str], show_diffs: bool, sample: dict[str, list[str]] | None) -> float:
+    """The table per module; the score is killed / checked (a stopped run's unchecked mutants are counted apart)."""
     equivalent = tomllib.loads(EQUIVALENT.read_text()) if EQUIVALENT.is_file() else {}
     rows, survivors, listed = [], [], []
     for m in modules:
         status = results(CORE[m])
         if sample is not None:
             status = {name: status.get(name, "not checked") for name in sample.get(m, [])}
-        if not status:
-            rows.append((m, 0, 0, 0, 0, float("nan")))
-            continue
-        killed = sum(s in KILLED for s in status.values())
-        missed = [n for n, s in status.items() if s not in KILLED]
+        checked = {n: s for n, s in status.items() if s not in UNCHECKED}
+        killed = sum(s in KILLED for s in checked.values())
+        missed = [n for n, s in checked.items() if s not in KILLED]
         equiv = [n for n in missed if n in equivalent]
         survivors += [(n, status[n]) for n in missed if n not in equivalent]
         listed += [(n, equivalent[n]) for n in equiv]
-        rows.append((m, len(status), killed, len(missed) - len(equiv), len(equiv), killed / len(status)))
-    print(f"\n{'module':<12}{'mutants':>9}{'killed':>8}{'missed':>8}{'equiv.':>8}{'score':>8}")
-    for m, total, killed, missed, equiv, score in rows:
-        print(f"{m:<12}{total:>9}{killed:>8}{missed:>8}{equiv:>8}{score:>8.1%}")
-    total = sum(r[1] for r in rows)
-    killed = sum(r[2] for r in rows)
-    overall = killed / max(total, 1)
-    equiv = sum(r[4] for r in rows)
-    print(f"{'all':<12}{total:>9}{killed:>8}{total - killed - equiv:>8}{equiv:>8}{overall:>8.1%}")
+        rows.append((m, len(status), len(checked), killed, len(missed) - len(equiv), len(equiv)))
+    print(f"\n{'module':<12}{'mutants':>9}{'checked':>9}{'killed':>8}{'missed':>8}{'equiv.':>8}{'score':>8}")
+    totals = ("all", *(sum(r[i] for r in rows) for i in range(1, 6)))
+    for m, total, checked, killed, missed, equiv in [*rows, totals]:
+        score = f"{killed / checked:.1%}" if checked else "-"
+        print(f"{m:<12}{total:>9}{checked:>9}{killed:>8}{missed:>8}{equiv:>8}{score:>8}")
+    _, total, checked, killed, _, equiv = totals
+    overall = killed / max(checked, 1)
     if sample is not None:
-        low, high = interval(killed, total)
-        print(f"\na sample of {total} mutants: the score of all of them is in [{low:.1%}, {high:.1%}] (95%)")
-    print(f"score = killed / mutants; {equiv} equivalent mutants count as missed in it.")
+        low, high = interval(killed, checked)
+        print(f"\na sample of {checked} mutants: the score of all of them is in [{low:.1%}, {high:.1%}] (95%)")
+    print(f"score = killed / checked; {equiv} equivalent mutants count as missed in it.")
+    if checked < total:
+        print(f"{total - checked} of {total} mutants not checked yet: the same command goes on with them.")
     if listed:
         print("\nequivalent (scripts/mutation_equivalent.toml):")
         for name, reason in listed:
@@ -218,6 +249,7 @@ def main() -> None:
     parser.add_argument("--retry", action="store_true", help="rerun the last run's missed mutants (after new tests)")
     parser.add_argument("--outside", action="store_true",
                         help="run the last run's survivors against the tests that start processes")  # fmt: skip
+    parser.add_argument("--minutes", type=float, help="stop after this long; run again to go on")
     parser.add_argument("--no-diffs", action="store_true", help="list surviving mutants without their diffs")
     args = parser.parse_args()
     try:
@@ -237,11 +269,16 @@ def main() -> None:
         names = missed(modules, sample)
         if names:
             run(names, args.max_children)
-    elif not args.report:
-        if not args.sample:
-            SAMPLE.unlink(missing_ok=True)
-        names = [n for m in modules for n in sample[m]] if sample else [f"{dotted(CORE[m])}.*" for m in modules]
-        run(names if sample or modules != list(CORE) else [], args.max_children)
+    elif sample is not None:
+        run([n for m in modules for n in sample[m]], args.max_children, args.minutes)
+    elif not args.report:  # every mutant of `modules`: those without a verdict yet
+        SAMPLE.unlink(missing_ok=True)
+        generate()
+        names = pending(modules)
+        if names:
+            run(names, args.max_children, args.minutes)
+        else:
+            print("every mutant of these modules has a verdict (--retry checks the missed ones again)")
     report(modules, show_diffs=not args.no_diffs, sample=sample)
 
 
