@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import subprocess
 import sys
 from dataclasses import replace
@@ -114,9 +115,11 @@ def test_the_command_line_prints_one_line_for_a_user_error_and_the_traceback_wit
     cfg.data.train = str(tmp_path / "missing.json")
     save_yaml(cfg, tmp_path / "r.yaml")
     command = [sys.executable, "-m", "mmalign.cli", "train", str(tmp_path / "r.yaml")]
-    plain = subprocess.run(command, capture_output=True, text=True)
+    # Wide enough that the console does not wrap the sample's path (a worker's tmp path is long).
+    env = os.environ | {"COLUMNS": "400"}
+    plain = subprocess.run(command, capture_output=True, text=True, env=env)
     assert plain.returncode == 1
     assert "Traceback" not in plain.stdout + plain.stderr
     assert "missing.json" in plain.stdout and "--debug" in plain.stdout
-    debug = subprocess.run([*command, "--debug"], capture_output=True, text=True)
+    debug = subprocess.run([*command, "--debug"], capture_output=True, text=True, env=env)
     assert debug.returncode == 1 and "Traceback" in debug.stderr
