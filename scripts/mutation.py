@@ -225,7 +225,8 @@ def report(modules: list[str], show_diffs: bool, sample: dict[str, list[str]] | 
         print(f"\na sample of {checked} mutants: the score of all of them is in [{low:.1%}, {high:.1%}] (95%)")
     print(f"score = killed / checked; {equiv} equivalent mutants count as missed in it.")
     if checked < total:
-        print(f"{total - checked} of {total} mutants not checked yet: the same command goes on with them.")
+        again = "a run over every mutant goes on with them" if sample is None else "the sample was stopped early"
+        print(f"{total - checked} of {total} mutants not checked yet: {again}.")
     if listed:
         print("\nequivalent (scripts/mutation_equivalent.toml):")
         for name, reason in listed:
