@@ -213,17 +213,19 @@ def report(modules: list[str], show_diffs: bool, sample: dict[str, list[str]] | 
         survivors += [(n, status[n]) for n in missed if n not in equivalent]
         listed += [(n, equivalent[n]) for n in equiv]
         rows.append((m, len(status), len(checked), killed, len(missed) - len(equiv), len(equiv)))
-    print(f"\n{'module':<12}{'mutants':>9}{'checked':>9}{'killed':>8}{'missed':>8}{'equiv.':>8}{'score':>8}")
+    head = f"{'module':<12}{'mutants':>9}{'checked':>9}{'killed':>8}{'missed':>8}{'equiv.':>8}{'score':>8}"
+    print(f"\n{head}{'without equiv.':>16}")
     totals = ("all", *(sum(r[i] for r in rows) for i in range(1, 6)))
     for m, total, checked, killed, missed, equiv in [*rows, totals]:
         score = f"{killed / checked:.1%}" if checked else "-"
-        print(f"{m:<12}{total:>9}{checked:>9}{killed:>8}{missed:>8}{equiv:>8}{score:>8}")
+        real = f"{killed / (checked - equiv):.1%}" if checked > equiv else "-"
+        print(f"{m:<12}{total:>9}{checked:>9}{killed:>8}{missed:>8}{equiv:>8}{score:>8}{real:>16}")
     _, total, checked, killed, _, equiv = totals
     overall = killed / max(checked, 1)
     if sample is not None:
         low, high = interval(killed, checked)
         print(f"\na sample of {checked} mutants: the score of all of them is in [{low:.1%}, {high:.1%}] (95%)")
-    print(f"score = killed / checked; {equiv} equivalent mutants count as missed in it.")
+    print(f"score = killed / checked, the {equiv} equivalent mutants counted as missed; without equiv.: left out.")
     if checked < total:
         again = "a run over every mutant goes on with them" if sample is None else "the sample was stopped early"
         print(f"{total - checked} of {total} mutants not checked yet: {again}.")
