@@ -296,3 +296,33 @@ def test_pcgrad_needs_shared_and_logs_its_conflicts():
     weighting({"a": shared.sum(), "b": shared.sum()}, shared)
     assert weighting.figures() == {"pcgrad_conflicts": 0.0}
     assert weighting.weights() == {"a": 1.0, "b": 1.0}
+
+
+def test_pcgrad_order_follows_its_seed_and_call_count_and_resumes_from_its_state():
+    # Three pairwise-conflicting tasks: the order each row visits the others changes its projection.
+    directions = torch.tensor([[1.0, 0.2, 0.0], [-0.6, 1.0, 0.3], [-0.5, -0.8, 1.0]])
+
+    def call(weighting):
+        shared = torch.zeros(1, 3, requires_grad=True)
+        losses = {t: (shared * d).sum() for t, d in zip("abc", directions, strict=True)}
+        weighting(losses, shared).backward()
+        return shared.grad.flatten()
+
+    weighting = PCGradWeighting(list("abc"))  # seed 0 by default
+    assert weighting.figures() == {"pcgrad_conflicts": 0.0}  # before any batch
+    sums = []
+    for k in range(6):
+        expected, conflicts = project_conflicting(directions, torch.Generator().manual_seed(k))
+        torch.testing.assert_close(call(weighting), expected.sum(0))
+        # The share of the 3 x 2 ordered task pairs that were projected.
+        assert weighting.figures()["pcgrad_conflicts"] == pytest.approx(conflicts / 6)
+        sums.append(expected.sum(0))
+    assert any(not torch.allclose(sums[0], s) for s in sums[1:])  # the order did matter
+    # Seed s draws call k's order from seed s * 1_000_003 + k; a reloaded weighting goes on with the same sequence.
+    seeded = PCGradWeighting(list("abc"), seed=2)
+    call(seeded)
+    resumed = PCGradWeighting(list("abc"), seed=2)
+    resumed.load_state_dict(seeded.state_dict())
+    expected, _ = project_conflicting(directions, torch.Generator().manual_seed(2 * 1_000_003 + 1))
+    torch.testing.assert_close(call(resumed), expected.sum(0))
+    torch.testing.assert_close(call(seeded), expected.sum(0))
