@@ -129,3 +129,43 @@ def test_task_specs_read_the_training_file(tmp_path):
     path.write_text(json.dumps({"id": 0, "labels": {"age": "old"}}) + "\n")
     with pytest.raises(ValueError, match="task age is kind=regress, but none of its labels is a number"):
         task_specs(path, {"age": "regress"})
+
+
+def reference_retrieval(points, keys):
+    """recall@1, recall@5 and mean average precision, one query at a time by the textbook definitions."""
+    z = F.normalize(points, dim=-1)
+    r1, r5, ap = [], [], []
+    for i in range(len(z)):
+        others = sorted((j for j in range(len(z)) if j != i), key=lambda j: -float(z[i] @ z[j]))
+        hits = [int(keys[j] == keys[i]) for j in others]
+        if not any(hits):
+            continue
+        r1.append(hits[0])
+        r5.append(max(hits[:5]))
+        found = [k + 1 for k, hit in enumerate(hits) if hit]  # the ranks of the matches
+        ap.append(sum((n + 1) / rank for n, rank in enumerate(found)) / len(found))
+    return {"recall@1": sum(r1) / len(r1), "recall@5": sum(r5) / len(r5), "map": sum(ap) / len(ap)}
+
+
+def test_retrieval_task_scores_equal_the_textbook_definitions_with_several_matches_per_query():
+    torch.manual_seed(0)
+    points = torch.randn(14, 6)  # more points than dimensions, so rows and columns differ
+    keys = torch.tensor([0, 1, 2, 0, 1, 0, 2, 3, 0, 1, 4, 2, 0, 1])  # key 3 and key 4 have no match
+    spec = TaskSpec(kind="retrieve")
+    unit = spec.predict(3.0 * points)
+    torch.testing.assert_close(unit.norm(dim=-1), torch.ones(14))
+    expected = reference_retrieval(points, keys)
+    assert 0.0 < expected["recall@1"] < expected["recall@5"] < 1.0 and expected["map"] < expected["recall@5"]
+    assert spec.scores(unit, keys) == pytest.approx(expected)
+    with_missing = spec.scores(torch.cat([unit, unit[:1]]), torch.cat([keys, torch.tensor([-1])]))
+    assert with_missing == pytest.approx(expected)  # an unlabelled row is neither a query nor in the gallery
+
+
+def test_regression_keeps_negative_targets_and_a_single_labelled_sample_is_scored():
+    spec = TaskSpec(kind="regress")
+    y = torch.tensor([-3.0, math.nan, -0.5])
+    assert spec.seen(y).tolist() == [True, False, True] and spec.count(y) == 2
+    assert spec.scores(torch.tensor([-3.0, 0.0, -1.5]), y)["mae"] == pytest.approx(0.5)
+    assert math.isnan(spec.scores(torch.zeros(2), torch.ones(2))["r2"])  # wrong, but no spread to explain
+    assert TaskSpec(classes=["p", "q"]).scores(torch.tensor([1]), torch.tensor([1])) == {"accuracy": 1.0}
+    assert format_score("rmse", 0.25) == "0.250"
