@@ -61,10 +61,6 @@ GENERATE = (
 )
 
 
-def dotted(path: str) -> str:
-    return path.removesuffix(".py").replace("/", ".")
-
-
 def draw(modules: list[str], n: int, seed: int) -> dict[str, list[str]]:
     """`n` mutants per module, drawn at random (seeded) from all of its mutants."""
     generate()
@@ -272,7 +268,7 @@ def main() -> None:
         names = missed(modules, sample)
         if names:
             run(names, args.max_children)
-    elif sample is not None:
+    elif args.sample:  # the draw just made (a sample read back from its file is only reported or retried)
         run([n for m in modules for n in sample[m]], args.max_children, args.minutes)
     elif not args.report:  # every mutant of `modules`: those without a verdict yet
         SAMPLE.unlink(missing_ok=True)
