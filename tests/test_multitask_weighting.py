@@ -326,3 +326,61 @@ def test_pcgrad_order_follows_its_seed_and_call_count_and_resumes_from_its_state
     expected, _ = project_conflicting(directions, torch.Generator().manual_seed(2 * 1_000_003 + 1))
     torch.testing.assert_close(call(resumed), expected.sum(0))
     torch.testing.assert_close(call(seeded), expected.sum(0))
+
+
+def test_weightings_check_their_settings():
+    assert FixedWeighting(["a", "b"], weights={"a": 0.0})({"a": torch.tensor(3.0), "b": torch.tensor(2.0)}) == 2.0
+    with pytest.raises(ValueError, match=r"^min_log_var \(1.0\) must be below max_log_var \(1.0\)$"):
+        UncertaintyWeighting(["a"], min_log_var=1.0, max_log_var=1.0)
+    with pytest.raises(ValueError, match="^min_weight must be > 0, got 0$"):
+        GradNormWeighting(["a"], min_weight=0)
+    assert GradNormWeighting(["a"]).alpha == 1.5  # the paper's choice for most of its experiments
+    for weighting in (GradNormWeighting(["a", "b"]), PCGradWeighting(["a", "b"])):
+        name = type(weighting).__name__.removesuffix("Weighting")
+        with pytest.raises(ValueError, match=f"^{name} needs `shared`, the representation every task head reads$"):
+            weighting({"a": torch.tensor(1.0)})
+        shared = torch.ones(2, 3, requires_grad=True)
+        with pytest.raises(ValueError, match="^loss of task 'b' does not depend on `shared`$"):
+            weighting({"a": (shared * 2).sum(), "b": torch.tensor(1.0, requires_grad=True)}, shared)
+
+
+def test_gradnorm_total_is_the_weighted_losses_plus_equation_2():
+    # L_t = s_t * <shared, v_t> with shared = 1, so g_t = s_t |v_t| and L_t = s_t * sum(v_t). The first losses
+    # are below 1, so a floor on L(0) meant for zeros would show.
+    v = {"a": torch.tensor([0.3, 0.4]), "b": torch.tensor([1.2, 0.5])}
+    weighting = GradNormWeighting(["a", "b"])
+    with torch.no_grad():
+        weighting.task_weights.copy_(torch.tensor([1.3, 0.7]))
+    w = [1.3, 0.7]
+    first = {"a": 0.4, "b": 0.5}
+    for scale in (first, {"a": 0.2, "b": 0.45}):
+        shared = torch.ones(1, 2, requires_grad=True)
+        total = weighting({t: s * (shared * v[t]).sum() for t, s in scale.items()}, shared=shared)
+        losses = [scale[t] * float(v[t].sum()) for t in "ab"]
+        g = [scale[t] * float(v[t].norm()) for t in "ab"]
+        rates = [scale[t] / first[t] for t in "ab"]  # L_t / L_t(0)
+        mean_wg = (w[0] * g[0] + w[1] * g[1]) / 2
+        target = [mean_wg * (r / (sum(rates) / 2)) ** 1.5 for r in rates]
+        gaps = [w[i] * g[i] - target[i] for i in range(2)]
+        assert total.item() == pytest.approx(w[0] * losses[0] + w[1] * losses[1] + sum(map(abs, gaps)), rel=1e-5)
+        (grad,) = torch.autograd.grad(total, weighting.task_weights)
+        torch.testing.assert_close(grad, torch.tensor([math.copysign(g[i], gaps[i]) for i in range(2)]))
+
+
+def test_pcgrad_projects_only_real_conflicts_and_exactly_for_small_gradients():
+    generator = torch.Generator().manual_seed(0)
+    orthogonal = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    projected, conflicts = project_conflicting(orthogonal, generator)
+    assert conflicts == 0 and torch.equal(projected, orthogonal)
+    slightly = torch.tensor([[1.0, 0.0], [0.5, 1.0]])  # dot 0.5: they agree, however small the dot
+    assert project_conflicting(slightly, generator)[1] == 0
+    tiny = 1e-3 * torch.tensor([[1.0, 0.0], [-1.0, 1.0]])  # |g|^2 ~ 1e-6: no floor may touch the projection
+    projected, conflicts = project_conflicting(tiny, generator)
+    assert conflicts == 2
+    torch.testing.assert_close(projected, 1e-3 * torch.tensor([[0.5, 0.5], [0.0, 1.0]]))
+
+
+def test_pcgrad_total_keeps_the_losses_dtype():
+    shared = torch.ones(1, 3, dtype=torch.bfloat16, requires_grad=True)
+    losses = {"a": shared[0, 0], "b": -shared.sum()}  # they conflict: the projection does change the gradient
+    assert PCGradWeighting(["a", "b"])(losses, shared).dtype == torch.bfloat16

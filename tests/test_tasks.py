@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from mmalign.fusion.data import task_specs
-from mmalign.fusion.tasks import TaskSpec, contrastive_sum, format_score, retrieval_scores
+from mmalign.fusion.tasks import TaskSpec, contrastive_sum, format_score, match_matrix, retrieval_scores
 
 
 def reference_supcon(z, keys, temperature):
@@ -169,3 +169,18 @@ def test_regression_keeps_negative_targets_and_a_single_labelled_sample_is_score
     assert math.isnan(spec.scores(torch.zeros(2), torch.ones(2))["r2"])  # wrong, but no spread to explain
     assert TaskSpec(classes=["p", "q"]).scores(torch.tensor([1]), torch.tensor([1])) == {"accuracy": 1.0}
     assert format_score("rmse", 0.25) == "0.250"
+
+
+def test_task_specs_round_trip_and_name_the_known_kinds():
+    spec = TaskSpec(kind="regress", mean=2.5, std=0.5)
+    assert TaskSpec(**spec.to_dict()) == spec and spec.to_dict()["std"] == 0.5
+    with pytest.raises(ValueError, match="^unknown task kind 'rank'; known: classify, regress, retrieve$"):
+        TaskSpec(kind="rank")
+
+
+def test_match_matrix_and_contrastive_loss_stay_on_the_keys_device():
+    # The meta device stands in for a GPU: an identity made on the CPU would not mix with it.
+    keys = torch.tensor([0, 1, 0])
+    assert match_matrix(keys).tolist() == [[False, False, True], [False, False, False], [True, False, False]]
+    assert match_matrix(keys.to("meta")).device.type == "meta"
+    assert contrastive_sum(torch.randn(3, 4, device="meta"), keys.to("meta"), 0.1).device.type == "meta"

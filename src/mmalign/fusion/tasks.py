@@ -138,9 +138,8 @@ def contrastive_sum(embeddings: torch.Tensor, keys: torch.Tensor, temperature: f
     sim = (z @ z.T / temperature).masked_fill(eye, -math.inf)
     log_p = (sim - sim.logsumexp(dim=1, keepdim=True)).masked_fill(eye, 0.0)
     matches = match_matrix(keys)
-    n = matches.sum(dim=1)
-    anchors = n > 0
-    per_anchor = -(log_p * matches).sum(dim=1)[anchors] / n[anchors]
+    # An anchor without a match sums nothing over nothing: 0 / 1. No boolean indexing, so no host sync.
+    per_anchor = -(log_p * matches).sum(dim=1) / matches.sum(dim=1).clamp_min(1)
     return per_anchor.sum()
 
 
