@@ -127,6 +127,7 @@ def test_a_bad_jsonl_line_is_named(tmp_path):
     with pytest.raises(ValueError) as err:
         read_records(path)
     assert str(err.value).startswith(f"{path}: line 3 is not valid JSON (Expecting property name")
+    assert str(err.value).endswith("; a JSONL file holds one JSON record per line")
 
 
 def test_a_json_file_that_is_not_a_list_keeps_its_error(tmp_path):

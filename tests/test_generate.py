@@ -74,26 +74,30 @@ def test_sampling_is_seeded(setup):
     assert a != c
 
 
-@pytest.mark.parametrize("room", [0, 3], ids=["dynamic-cache", "static-cache"])
+@pytest.mark.parametrize("room", [None, 0, 1, 3], ids=["default", "dynamic-cache", "static-1", "static-3"])
 def test_cached_left_padded_logits_equal_full_recomputation(setup, room):
     """prefill + step on left-padded rows give the logits of running each whole sequence unpadded: a decode position
     off by one changes them even where it leaves an untrained model's argmax alone. Both caches: the growing one
-    (room=0) and the one preallocated for `room` new tokens."""
+    (room=0, and prefill's default) and the one preallocated for `room` new tokens, which refuses one more."""
     from mmalign.generate import left_pad
 
     model, tok, prompts, pixels = setup
     ids, mask = left_pad(prompts, tok.pad_token_id)
     with torch.no_grad():
-        logits, state = model.prefill(ids, mask, {"image": pixels}, room)
+        logits, state = model.prefill(ids, mask, {"image": pixels}, *([] if room is None else [room]))
         steps = [logits]
-        follow = torch.tensor([[21, 22, 23]] * len(prompts))  # (B, 3) tokens appended one at a time
+        follow = torch.tensor([[21, 22, 23]] * len(prompts))[:, : room or 3]  # tokens appended one at a time
         for t in range(follow.shape[1]):
             steps.append(model.step(state, follow[:, t]))
         for i, prompt in enumerate(prompts):
             full = torch.tensor([prompt + follow[i].tolist()])
-            expected = model(full, media={"image": pixels[i : i + 1]})["logits"][0, len(prompt) - 1 :]  # (4, V)
+            expected = model(full, media={"image": pixels[i : i + 1]})["logits"][0, len(prompt) - 1 :]
             got = torch.stack([s[i] for s in steps])
-            torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+        if room:
+            full = rf"^the decode state is full: prefill sized it for {ids.shape[1] + room} tokens in all \(prompt \+ "
+            with pytest.raises(ValueError, match=full + r"max_new_tokens\); pass prefill a larger max_new_tokens$"):
+                model.step(state, follow[:, 0])
 
 
 def test_top_p_keeps_the_smallest_set_that_reaches_p_and_resamples_within_it():
@@ -148,3 +152,35 @@ def test_decode_logits_match_the_lm_head_and_follow_its_weight(setup):
         torch.testing.assert_close(model.decode_logits(hidden), model.logits(hidden), rtol=1e-5, atol=1e-5)
     model.lm_head.weight = torch.nn.Parameter(torch.randn_like(model.lm_head.weight))
     torch.testing.assert_close(model.decode_logits(hidden), model.logits(hidden), rtol=1e-5, atol=1e-5)
+
+
+def test_decode_logits_add_a_head_bias(shapes):
+    """Llama's head has no bias, but an imported one may: the decode path must add it as nn.Linear does."""
+    model, _ = build_model(tiny_model_config(shapes["tokenizer"]))
+    old = model.lm_head
+    head = torch.nn.Linear(old.in_features, old.out_features, bias=True)
+    with torch.no_grad():
+        head.weight.copy_(old.weight)
+        head.bias.normal_()
+    model.llm.set_output_embeddings(head)
+    hidden = torch.randn(4, head.in_features)
+    with torch.no_grad():
+        torch.testing.assert_close(model.decode_logits(hidden), head(hidden), rtol=1e-5, atol=1e-5)
+
+
+def test_a_head_that_is_not_a_plain_linear_runs_its_own_forward(shapes):
+    """The transposed-copy shortcut is for nn.Linear alone: a subclass (or a LoRA-wrapped head) has its own forward."""
+
+    class Doubled(torch.nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    model, _ = build_model(tiny_model_config(shapes["tokenizer"]))
+    old = model.lm_head
+    head = Doubled(old.in_features, old.out_features, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(old.weight)
+    model.llm.set_output_embeddings(head)
+    hidden = torch.randn(4, head.in_features)
+    with torch.no_grad():
+        torch.testing.assert_close(model.decode_logits(hidden), 2 * hidden @ old.weight.T, rtol=1e-5, atol=1e-5)
