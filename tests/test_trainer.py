@@ -5,16 +5,18 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from helpers import stopped_at
 from mmalign.config import ConfigError, TrainConfig
 from mmalign.contrastive.data2vec import Data2Vec, Data2VecObjective
 from mmalign.contrastive.train import lit_settings
+from mmalign.errors import CheckpointError
 from mmalign.models.encoders import clip_encoder
 from mmalign.train.trainer import OBJECTIVE_WEIGHTS, SampledObjective, Trainer, batch_generator
 
@@ -104,7 +106,8 @@ def test_objective_weights_from_another_save_are_refused(tmp_path):
     Trainer(TwoLosses(), settings(tmp_path / "a", max_steps=2)).fit()
     Trainer(TwoLosses(), settings(tmp_path / "b", max_steps=3)).fit()
     shutil.copy(tmp_path / "a" / OBJECTIVE_WEIGHTS, tmp_path / "b" / OBJECTIVE_WEIGHTS)
-    with pytest.raises(RuntimeError, match="weights are from step 2 but trainer_state.pt from step 3"):
+    tail = r" \(files from different saves\); restart the run or restore a consistent copy$"
+    with pytest.raises(RuntimeError, match=r"/b: weights are from step 2 but trainer_state\.pt from step 3" + tail):
         Trainer(TwoLosses(), settings(tmp_path / "b", max_steps=3), resume=True)
 
 
@@ -116,6 +119,7 @@ def test_all_reduce_sum_adds_named_numbers_over_ranks(tmp_path):
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
     try:
         assert all_reduce_sum({"b": 2, "a": 1.5}) == {"a": 1.5, "b": 2.0}
+        assert all_reduce_sum({"tokens": 2**24 + 1}) == {"tokens": 2**24 + 1}  # counts past float32's integers
     finally:
         dist.destroy_process_group()
 
@@ -129,6 +133,9 @@ def test_truncate_log_drops_rows_after_the_saved_step(tmp_path):
     assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2, 3]
     truncate_log(log, 9)
     assert len(log.read_text().splitlines()) == 3
+    log.write_text(json.dumps({"event": "start"}) + "\n" + log.read_text())  # a row without a step stays
+    truncate_log(log, 0)
+    assert log.read_text() == json.dumps({"event": "start"}) + "\n"
 
 
 def test_gradients_are_clipped_to_clip_grad(tmp_path):
@@ -236,3 +243,21 @@ def test_to_device_moves_every_tensor_of_nested_batches():
     batch = {"x": torch.ones(2), "media": {"image": torch.zeros(1, 3)}, "ids": ["a", "b"]}
     moved = to_device(batch, torch.device("meta"))
     assert moved["x"].is_meta and moved["media"]["image"].is_meta and moved["ids"] == ["a", "b"]
+
+
+def test_resume_without_a_saved_state_says_what_is_missing(tmp_path):
+    with pytest.raises(FileNotFoundError, match=rf"^--resume: no trainer_state\.pt in {tmp_path}; nothing to resume$"):
+        Trainer(TwoLosses(), settings(tmp_path, max_steps=3), resume=True)
+
+
+def test_objective_weights_that_are_cut_or_lack_a_tensor_are_refused(tmp_path):
+    Trainer(TwoLosses(), settings(tmp_path, max_steps=2)).fit()
+    path = tmp_path / OBJECTIVE_WEIGHTS
+    good = path.read_bytes()
+    weights = load_file(path)
+    save_file({k: v for k, v in weights.items() if k != "w.bias"}, path, metadata={"format": "pt", "step": "2"})
+    with pytest.raises(RuntimeError, match="w.bias"):
+        Trainer(TwoLosses(), settings(tmp_path, max_steps=3), resume=True)
+    path.write_bytes(good[: len(good) // 2])
+    with pytest.raises(CheckpointError, match=rf"^{re.escape(str(path))}: cannot be read \(SafetensorError: "):
+        Trainer(TwoLosses(), settings(tmp_path, max_steps=3), resume=True)
