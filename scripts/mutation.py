@@ -245,7 +245,7 @@ def main() -> None:
     parser.add_argument("--max-children", type=int, default=os.cpu_count() or 1, help="test processes at once")
     parser.add_argument("--sample", type=int, metavar="N", help="run N mutants per module, drawn at random")
     parser.add_argument("--seed", type=int, default=0, help="of the --sample draw")
-    parser.add_argument("--retry", action="store_true", help="rerun the last run's missed mutants (after new tests)")
+    parser.add_argument("--retry", action="store_true", help="rerun the missed, not equivalent mutants")
     parser.add_argument("--outside", action="store_true",
                         help="run the last run's survivors against the tests that start processes")  # fmt: skip
     parser.add_argument("--minutes", type=float, help="stop after this long; run again to go on")
@@ -261,13 +261,13 @@ def main() -> None:
         sample = draw(modules, args.sample, args.seed)
     elif (args.report or args.retry or args.outside) and SAMPLE.is_file():
         sample = json.loads(SAMPLE.read_text())
+    equivalent = tomllib.loads(EQUIVALENT.read_text()) if EQUIVALENT.is_file() else {}
     if args.outside:
-        equivalent = tomllib.loads(EQUIVALENT.read_text()) if EQUIVALENT.is_file() else {}
         run_outside([n for n in missed(modules, sample) if n not in equivalent])
-    elif args.retry:  # the last run's missed mutants again, against the tests as they are now
-        names = missed(modules, sample)
+    elif args.retry:  # the last run's missed mutants again, against the tests as they are now; not the equivalent
+        names = [n for n in missed(modules, sample) if n not in equivalent]
         if names:
-            run(names, args.max_children)
+            run(names, args.max_children, args.minutes)
     elif args.sample:  # the draw just made (a sample read back from its file is only reported or retried)
         run([n for m in modules for n in sample[m]], args.max_children, args.minutes)
     elif not args.report:  # every mutant of `modules`: those without a verdict yet
