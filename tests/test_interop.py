@@ -72,3 +72,18 @@ def test_exported_processor_matches_our_preprocessing(tiny_hf_llava, tmp_path):
     assert back.encoders["image"].mean == pytest.approx(ours.encoders["image"].mean) and back.encoders[
         "image"
     ].std == pytest.approx(ours.encoders["image"].std)
+
+
+def test_export_writes_the_settings_hf_reads_back(tiny_hf_llava, tmp_path):
+    """Settings the logits tests cannot see: they only matter to transformers' own processor and generate."""
+    from transformers import AutoConfig, AutoProcessor
+
+    ours, tok, cfg = load_checkpoint(import_hf_llava(tiny_hf_llava, tmp_path / "ours"))
+    export_hf_llava(ours, tok, cfg, tmp_path / "hf")
+    config = AutoConfig.from_pretrained(tmp_path / "hf")
+    assert config.image_seq_length == ours.encoders["image"].num_tokens
+    assert config.projector_hidden_act == "gelu"
+    processor = AutoProcessor.from_pretrained(tmp_path / "hf")
+    assert processor.chat_template == tok.chat_template is not None
+    assert processor.image_token == "<image>"
+    assert processor.image_processor.resample == 3 and processor.image_processor.do_center_crop is False
