@@ -11,6 +11,7 @@ from transformers import AutoTokenizer
 
 from helpers import image_processor
 from mmalign.constants import END_OF_CHUNK, IGNORE_INDEX
+from mmalign.data.dataset import ConversationDataset
 from mmalign.data.processor import SampleError, parse_record
 
 DOC = {
@@ -32,6 +33,13 @@ def with_post_bos(tok):
         single=f"{tok.bos_token} $A", special_tokens=[(tok.bos_token, tok.bos_token_id)]
     )
     assert tok("red")["input_ids"][0] == tok.bos_token_id
+    return tok
+
+
+def without_bos(tok):
+    """The tokenizer, without a bos token at all."""
+    tok = copy.deepcopy(tok)
+    tok.bos_token = None
     return tok
 
 
@@ -58,16 +66,15 @@ def test_document_ids_have_one_bos_and_train_only_after_the_first_image(tok, pos
 
 
 def test_a_tokenizer_without_bos_gives_a_document_without_one(tok):
-    no_bos = copy.deepcopy(tok)
-    no_bos.bos_token = None
+    no_bos = without_bos(tok)
     ids, _ = image_processor(no_bos, tokens_per_image=2, image_size=16).tokenize(parse_record(DOC, 0))
     words = no_bos("a plain start .", add_special_tokens=False)["input_ids"]
     assert ids[: len(words)] == words
 
 
-@pytest.mark.parametrize("post_bos", [False, True])
-def test_plain_template_has_one_bos_or_none(tok, post_bos):
-    tokenizer = with_post_bos(tok) if post_bos else tok
+@pytest.mark.parametrize("kind", ["own", "adds-bos", "no-bos"])
+def test_plain_template_has_one_bos_or_none(tok, kind):
+    tokenizer = {"own": lambda t: t, "adds-bos": with_post_bos, "no-bos": without_bos}[kind](tok)
     record = {"id": "p", "image": "a.png", "conversations": [{"from": "human", "value": "<image>\ndescribe"},
                                                               {"from": "gpt", "value": "a red circle"}]}  # fmt: skip
     ids, labels = image_processor(tokenizer, tokens_per_image=2, image_size=16, template="plain").tokenize(
@@ -75,14 +82,9 @@ def test_plain_template_has_one_bos_or_none(tok, post_bos):
     )
     caption = tokenizer("a red circle", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     image = tokenizer.convert_tokens_to_ids("<image>")
-    assert ids == [tokenizer.bos_token_id, image, image, *caption]
-    assert labels == [IGNORE_INDEX] * 3 + caption
-    no_bos = copy.deepcopy(tok)
-    no_bos.bos_token = None
-    ids, _ = image_processor(no_bos, tokens_per_image=2, image_size=16, template="plain").tokenize(
-        parse_record(record, 0)
-    )
-    assert ids == [image, image, *caption]
+    bos = [] if kind == "no-bos" else [tok.bos_token_id]
+    assert ids == [*bos, image, image, *caption]
+    assert labels == [IGNORE_INDEX] * (len(bos) + 2) + caption
 
 
 @pytest.mark.parametrize(
@@ -127,8 +129,6 @@ def test_a_long_value_is_cut_in_the_message_that_quotes_it(speaker, shown):
 
 
 def test_dataset_lengths_count_media_tokens_and_put_bad_records_in_their_own_group(tok, tmp_path):
-    from mmalign.data.dataset import ConversationDataset
-
     turns = [{"from": "human", "value": "<image>\nwhat ?"}, {"from": "gpt", "value": "red"}]
     records = [
         {"id": "i", "image": "a.png", "conversations": turns},
