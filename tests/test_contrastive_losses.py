@@ -86,8 +86,8 @@ def test_clip_matches_reference_value_and_grads():
         torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-12)
 
 
-def _clip_positives_reference(img, txt, log_scale, content: list[int]) -> torch.Tensor:
-    """Each row's cross entropy against a target spread evenly over the rows of the same content, written out."""
+def _clip_positives_reference(img, txt, log_scale, positives: torch.Tensor) -> torch.Tensor:
+    """Each row's cross entropy against a target spread evenly over the row's matches, written out."""
     b = img.shape[0]
     s = torch.exp(log_scale)
     total = torch.zeros((), dtype=img.dtype)
@@ -95,7 +95,7 @@ def _clip_positives_reference(img, txt, log_scale, content: list[int]) -> torch.
         for i in range(b):
             row = [s * (_unit(a[i]) * _unit(c[j])).sum() for j in range(b)]
             log_z = torch.log(sum(torch.exp(v) for v in row))
-            matches = [j for j in range(b) if content[j] == content[i]]
+            matches = [j for j in range(b) if positives[i, j]]
             total = total - sum(row[j] - log_z for j in matches) / len(matches)
     return total / (2 * b)
 
@@ -105,10 +105,10 @@ def test_clip_with_repeated_contents_spreads_each_target_over_its_matches():
     with torch.no_grad():
         loss_fn.logit_scale.fill_(1.3)
     img, txt = _pairs(b=6)
-    content = [0, 1, 0, 2, 1, 0]
-    ids = torch.tensor(content)
-    loss = loss_fn(img, txt, ids[:, None] == ids[None, :])
-    ref = _clip_positives_reference(img, txt, torch.tensor(1.3, dtype=torch.float64), content)
+    ids = torch.tensor([0, 1, 0, 2, 1, 0])
+    positives = ids[:, None] == ids[None, :]
+    loss = loss_fn(img, txt, positives)
+    ref = _clip_positives_reference(img, txt, torch.tensor(1.3, dtype=torch.float64), positives)
     torch.testing.assert_close(loss, ref, rtol=1e-10, atol=1e-12)
     got = torch.autograd.grad(loss, [img, txt])
     want = torch.autograd.grad(ref, [img, txt])
@@ -116,6 +116,51 @@ def test_clip_with_repeated_contents_spreads_each_target_over_its_matches():
         torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-12)
     # All contents distinct: the plain CLIP loss.
     torch.testing.assert_close(loss_fn(img, txt, torch.eye(6, dtype=torch.bool)), loss_fn(img, txt))
+
+
+def test_clip_positives_need_not_be_groups():
+    # 0 matches 1 and 1 matches 2, but 0 does not match 2: rows have 2, 3 and 2 matches, so each target is divided
+    # by its own row's count (dividing by a column's count gives rows that do not sum to one).
+    loss_fn = ClipLoss().double()
+    with torch.no_grad():
+        loss_fn.logit_scale.fill_(1.3)
+    img, txt = _pairs(b=4)
+    positives = torch.eye(4, dtype=torch.bool)
+    positives[0, 1] = positives[1, 0] = positives[1, 2] = positives[2, 1] = True
+    ref = _clip_positives_reference(img, txt, torch.tensor(1.3, dtype=torch.float64), positives)
+    torch.testing.assert_close(loss_fn(img, txt, positives), ref, rtol=1e-10, atol=1e-12)
+
+
+def test_clip_positives_with_gather(monkeypatch):
+    img, txt = _pairs(b=4)
+    positives = torch.eye(4, dtype=torch.bool)
+    # One process: gather=True has nothing to gather, so positives work as without it.
+    torch.testing.assert_close(
+        ClipLoss(gather=True).double()(img, txt, positives), ClipLoss().double()(img, txt, positives)
+    )
+    monkeypatch.setattr("mmalign.contrastive.losses.rank_and_world", lambda: (0, 2))
+    message = "ClipLoss: positives are for a single process' batch, not a gathered one"
+    with pytest.raises(ValueError, match=f"^{message}$"):
+        ClipLoss(gather=True).double()(img, txt, positives)
+    ClipLoss().double()(img, txt, positives)  # two processes but no gather: this rank's batch only
+
+
+def test_contrastive_losses_on_the_input_device():
+    # The meta device stands in for a GPU: a label or index tensor made on the CPU fails there.
+    img, txt = torch.randn(4, 8, device="meta"), torch.randn(4, 8, device="meta")
+    for loss_fn in (ClipLoss(), SigLipLoss()):
+        loss = loss_fn.to("meta")(img, txt)
+        assert loss.device.type == "meta" and loss.shape == ()
+
+
+def test_bf16_embeddings_give_float32_logits():
+    img, txt = _pairs()
+    img, txt = img.detach().bfloat16(), txt.detach().bfloat16()
+    for loss_fn in (ClipLoss(), SigLipLoss()):
+        loss = loss_fn(img, txt)
+        assert loss.dtype == torch.float32
+        # As if the bf16 values had been given in float32: nothing is rounded to bf16 after the input.
+        torch.testing.assert_close(loss, loss_fn(img.float(), txt.float()), rtol=1e-6, atol=1e-6)
 
 
 def test_clip_float32_embeddings_with_default_scale():

@@ -96,6 +96,15 @@ def test_a_chat_template_that_refuses_a_conversation_names_the_sample(tok):
     proc = image_processor(strict, tokens_per_image=N_IMG, image_size=SIZE)
     with pytest.raises(SampleError, match="^sample t1: the chat template refused the conversation: roles must alt"):
         proc.tokenize(parse_record(record, 0))
+    prompt = record | {"conversations": [*record["conversations"], {"from": "human", "value": "and now ?"}]}
+    with pytest.raises(SampleError, match="^sample t1: the chat template refused the conversation: roles must alt"):
+        proc.prompt_ids(parse_record(prompt, 0))
+
+
+def test_a_prompt_without_a_user_turn_names_the_sample(proc):
+    answers_only = Conversation(id="a1", media={}, messages=[{"role": "assistant", "content": "red"}])
+    with pytest.raises(SampleError, match="^sample a1: no user turn to answer$"):
+        proc.prompt_ids(answers_only)
 
 
 # ---------------------------------------------------------------------------------- 3. broken data files

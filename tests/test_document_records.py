@@ -143,3 +143,16 @@ def test_dataset_lengths_count_media_tokens_and_put_bad_records_in_their_own_gro
         0,
         len(proc.tokenize(parse_record(records[2], 2))[0]),
     ]
+
+
+def test_records_without_a_media_folder_read_their_paths_as_given(tok, tmp_path, monkeypatch):
+    from PIL import Image
+
+    Image.new("RGB", (16, 16), "red").save(tmp_path / "a.png")
+    monkeypatch.chdir(tmp_path)  # a relative path is read from the working directory, as a user would type it
+    turns = [{"from": "human", "value": "<image>\nwhat ?"}, {"from": "gpt", "value": "red"}]
+    record = {"id": "i", "image": "a.png", "conversations": turns}
+    proc = image_processor(tok, tokens_per_image=4, image_size=16)
+    item = ConversationDataset.from_records([record], None, proc, source="shard-0")[0]
+    assert "error" not in item, item.get("error")
+    assert item["media"]["image"].shape[-3:] == (3, 16, 16)

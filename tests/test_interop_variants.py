@@ -3,9 +3,11 @@ without bias, a SigLIP tower, each compared by logits both ways; and the setting
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
-from transformers import LlavaConfig, LlavaForConditionalGeneration
+from transformers import Dinov2Config, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 from helpers import write_llava
 from mmalign.interop.hf_llava import export_hf_llava, import_hf_llava
@@ -60,9 +62,18 @@ def test_variants_import_and_export_with_equal_logits(variant, shapes, tmp_path)
 
 
 REFUSED = {
-    "siglip-default": (dict(tower="siglip", vision_feature_select_strategy="default"), "SigLIP Llava with strategy"),
-    "layer-list": (dict(vision_feature_layer=[-2, -1]), r"vision_feature_layer=\[-2, -1\]: only a single layer"),
-    "relu-projector": (dict(projector_hidden_act="relu"), "projector_hidden_act='relu'"),
+    "siglip-default": (
+        dict(tower="siglip", vision_feature_select_strategy="default"),
+        "a SigLIP Llava with strategy 'default' drops a patch token; mmalign keeps every patch",
+    ),
+    "layer-list": (
+        dict(vision_feature_layer=[-2, -1]),
+        "vision_feature_layer=[-2, -1]: only a single layer is supported",
+    ),
+    "relu-projector": (
+        dict(projector_hidden_act="relu"),
+        "projector_hidden_act='relu': only gelu maps to mlp2x_gelu",
+    ),
 }
 
 
@@ -71,7 +82,33 @@ def test_settings_mmalign_cannot_represent_are_refused_by_name(case, shapes, tmp
     kw, message = REFUSED[case]
     kw = dict(kw)
     src = write_llava(tmp_path / "src", shapes["tokenizer"], kw.pop("tower", "clip"), **kw)
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        import_hf_llava(src, tmp_path / "ours")
+
+
+def test_a_tower_other_than_clip_or_siglip_is_refused(tmp_path):
+    tower = Dinov2Config(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                         image_size=32, patch_size=8)  # fmt: skip
+    text = LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=64)
+    LlavaForConditionalGeneration(LlavaConfig(vision_config=tower, text_config=text)).save_pretrained(tmp_path / "src")
+    with pytest.raises(ValueError, match=r"^unsupported Llava vision tower 'dinov2'; supported: CLIP, SigLIP$"):
+        import_hf_llava(tmp_path / "src", tmp_path / "ours")
+
+
+def test_import_checks_the_image_token_id_of_the_model_it_builds(shapes, tmp_path, monkeypatch):
+    import mmalign.interop.hf_llava as hf_llava
+
+    build = hf_llava.build_model
+
+    def build_with_moved_placeholder(cfg):  # as if mmalign's tokenizer put <image> elsewhere than Llava's
+        model, tok = build(cfg)
+        model.media_token_ids["image"] += 1
+        return model, tok
+
+    src = write_llava(tmp_path / "src", shapes["tokenizer"])
+    llava_id = LlavaConfig.from_pretrained(src).image_token_id
+    monkeypatch.setattr(hf_llava, "build_model", build_with_moved_placeholder)
+    with pytest.raises(ValueError, match=f"^image token id {llava_id + 1} != Llava's {llava_id}$"):
         import_hf_llava(src, tmp_path / "ours")
 
 
@@ -100,3 +137,30 @@ def test_export_refuses_models_llava_cannot_hold(shapes, tmp_path):
     model, tok = build_model(cfg)
     with pytest.raises(ValueError, match=r"reading images only; this one is flamingo reading \['image'\]"):
         export_hf_llava(model, tok, cfg, tmp_path / "hf")
+
+    from test_modalities import _two_tower_config
+
+    cfg = _two_tower_config(shapes["tokenizer"], {})
+    model, tok = build_model(cfg)
+    with pytest.raises(ValueError, match="^hf-llava export needs a single CLIP or SigLIP tower; this model has Fused"):
+        export_hf_llava(model, tok, cfg, tmp_path / "hf")
+
+    not_ours = torch.nn.Linear(2, 2)  # e.g. a transformers model passed by mistake: named by its class
+    with pytest.raises(ValueError, match=r"reading images only; this one is Linear reading \?$"):
+        export_hf_llava(not_ours, tok, cfg, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+
+
+def test_export_keeps_tied_embeddings_tied(shapes, tmp_path):
+    from helpers import tiny_model_config
+    from mmalign.models.builder import build_model
+
+    cfg = tiny_model_config(shapes["tokenizer"])
+    cfg.llm.config["tie_word_embeddings"] = True
+    model, tok = build_model(cfg)
+    assert model.llm.get_output_embeddings().weight is model.llm.get_input_embeddings().weight
+    export_hf_llava(model, tok, cfg, tmp_path / "hf")
+    back = LlavaForConditionalGeneration.from_pretrained(tmp_path / "hf")
+    # Tied in the file's config, so fine-tuning the exported model moves one matrix, as ours does.
+    assert back.config.tie_word_embeddings
+    assert back.get_output_embeddings().weight.data_ptr() == back.get_input_embeddings().weight.data_ptr()

@@ -55,8 +55,7 @@ def export_hf_llava(model: MultimodalLM, tokenizer, model_cfg: ModelConfig, out:
         projector_hidden_act="gelu",
         multimodal_projector_bias=connector.linears[0].bias is not None,
         image_seq_length=enc.num_tokens,
-        tie_word_embeddings=bool(getattr(llm.config, "tie_word_embeddings", False)),
-    )
+    )  # tie_word_embeddings: LlavaConfig reads it from text_config
     hf = LlavaForConditionalGeneration(config).eval()
     hf.model.vision_tower.load_state_dict(enc.tower.state_dict())
     hf.model.multi_modal_projector.linear_1.load_state_dict(connector.linears[0].state_dict())
