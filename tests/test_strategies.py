@@ -181,3 +181,22 @@ def test_qlora_says_what_it_needs(base, shapes, tmp_path):
     cfg = recipe(base, shapes, tmp_path, max_steps=1, finetune="qlora")
     with pytest.raises(ConfigError, match="bitsandbytes|CUDA GPU"):
         recipe_trainer(cfg)
+
+
+@pytest.mark.parametrize("source", ["checkpoint", "weights-only"])
+def test_a_stage_that_freezes_what_the_last_one_tuned_saves_the_tuned_weights(base, shapes, tmp_path, source):
+    import shutil
+
+    recipe_trainer(recipe(base, shapes, tmp_path / "a", max_steps=2, lr=1e-2)).fit()  # tunes connector and llm
+    tuned, _, _ = load_checkpoint(tmp_path / "a/run")
+    start = tmp_path / "a/run"
+    if source == "weights-only":  # a folder with the weights file alone: no model config to read adapters from
+        start = tmp_path / "weights"
+        start.mkdir()
+        shutil.copy(tmp_path / "a/run/model.safetensors", start)
+    second = recipe(base, shapes, tmp_path / "b", max_steps=1, init_from=str(start), trainable=["connector"])
+    recipe_trainer(second).fit()
+    # The llm's `path` holds the untuned base, so the second checkpoint must carry the llm tuned in the first.
+    reloaded, _, _ = load_checkpoint(tmp_path / "b/run")
+    for (name, p), (_, q) in zip(reloaded.llm.named_parameters(), tuned.llm.named_parameters(), strict=True):
+        torch.testing.assert_close(p, q, msg=name)

@@ -88,3 +88,39 @@ def test_the_shard_command_writes_tar_shards_that_carry_their_media(shapes, tmp_
 
     missing = CliRunner().invoke(app, [*cli, "--media-folder", str(tmp_path)])  # the images are not there
     assert missing.exit_code == 2 and "conv-0" in missing.output
+
+
+def test_each_shard_is_read_in_its_own_order_under_the_run_folder_and_the_next_epoch_starts_whole(
+    base, shapes, tmp_path, monkeypatch
+):
+    from mmalign.data.stream import record_order, shard_order
+
+    data = {"stream": True, "train": make_shards(shapes, tmp_path)}
+    obj = LMObjective(recipe(base, shapes, tmp_path, batch_size=4, data=data))
+    scratch, real_open = [], stream_module.open_shard
+
+    def open_shard(path, scratch_root, *args):
+        scratch.append(scratch_root)
+        return real_open(path, scratch_root, *args)
+
+    monkeypatch.setattr("mmalign.train.loop.open_shard", open_shard)
+    state = {"epoch": 0, "cursor": 0, "seen": 0, "skipped": 0}
+    stream = obj.batches(state, obj.cfg.train, print)
+    ids = {0: [], 1: []}
+    while state["epoch"] < 2:
+        batch = next(stream)
+        if state["epoch"] == 1 and not ids[1]:  # the first batch of the second epoch: its position starts over
+            assert (state["cursor"], state["shard"]) == (1, 0)
+        ids[min(state["epoch"], 1)] += batch["ids"]
+        if state["epoch"] == 1 and len(ids[1]) == 40:
+            break
+    stream.close()
+    assert set(scratch) == {tmp_path / "run" / ".stream" / "rank0"}
+    recs, seed = records(shapes), obj.cfg.train.seed
+    for epoch in (0, 1):
+        # Shards in the epoch's order; within shard k, record_order(k): its own order, not one shared by all shards.
+        expected = []
+        for k in shard_order(6, seed, epoch):
+            shard = recs[7 * k : 7 * k + 7]
+            expected += [shard[i]["id"] for i in record_order(len(shard), seed, epoch, k)]
+        assert ids[epoch] == expected, epoch

@@ -262,3 +262,22 @@ def test_objective_weights_that_are_cut_or_lack_a_tensor_are_refused(tmp_path):
     path.write_bytes(good[: len(good) // 2])
     with pytest.raises(CheckpointError, match=rf"^{re.escape(str(path))}: cannot be read \(SafetensorError: "):
         Trainer(TwoLosses(), settings(tmp_path, max_steps=3), resume=True)
+
+
+RAN = []
+
+
+class RunsCodeWhenLoaded:
+    def __reduce__(self):
+        return RAN.append, ("loaded",)
+
+
+def test_a_trainer_state_that_would_run_code_is_refused_unrun(tmp_path):
+    Trainer(TwoLosses(), settings(tmp_path, max_steps=2)).fit()
+    path = tmp_path / "trainer_state.pt"
+    saved = torch.load(path, weights_only=True)
+    saved["state"]["note"] = RunsCodeWhenLoaded()
+    torch.save(saved, path)
+    with pytest.raises(CheckpointError, match=rf"^{re.escape(str(path))}: cannot be read \(UnpicklingError: "):
+        Trainer(TwoLosses(), settings(tmp_path, max_steps=3), resume=True)
+    assert RAN == []
