@@ -216,3 +216,14 @@ def test_groups_select_by_prefix_and_unknown_names_fail(shapes):
     assert trainable == {"connectors.image", "connectors.audio", "encoders.audio"}
     with pytest.raises(ConfigError, match="'vision', which selects no group"):
         select_groups(model, ["vision"])
+
+
+def test_float32_media_are_cast_to_a_bf16_model_for_every_encoder(shapes):
+    # HF vision towers cast their input themselves; mmalign's own encoders rely on encode() to do it.
+    model = build_model(image_audio_config(shapes["tokenizer"]))[0].to(torch.bfloat16)
+    sound = torch.randn(2, 9, 129)  # (items, frames, features per frame)
+    with torch.no_grad():
+        got = model.encode("audio", sound)
+        want = model.encode("audio", sound.bfloat16())
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want, rtol=0, atol=0)

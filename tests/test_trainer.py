@@ -281,3 +281,34 @@ def test_a_trainer_state_that_would_run_code_is_refused_unrun(tmp_path):
     with pytest.raises(CheckpointError, match=rf"^{re.escape(str(path))}: cannot be read \(UnpicklingError: "):
         Trainer(TwoLosses(), settings(tmp_path, max_steps=3), resume=True)
     assert RAN == []
+
+
+class Noisy(TwoLosses):
+    """Draws a further tensor per batch, as data2vec draws its masks."""
+
+    def draw(self, generator):
+        return {"noise": torch.rand(4, generator=generator)}
+
+
+def test_sampled_batches_are_a_function_of_the_seed_and_cursor(tmp_path):
+    cfg = settings(tmp_path)
+    state = {"cursor": 0}
+    torch.manual_seed(1)
+    run = Noisy().batches(state, cfg, print)
+    first = [next(run) for _ in range(3)]
+    assert state["cursor"] == 3
+    torch.manual_seed(2)  # the global generator plays no part
+    resumed = Noisy().batches({"cursor": 2}, cfg, print)  # a run resumed after two batches
+    third = next(resumed)
+    for key in ("index", "x", "noise"):
+        torch.testing.assert_close(third[key], first[2][key])
+        assert not torch.equal(first[1][key], first[2][key])  # each batch its own draw
+
+
+def test_objective_weights_without_a_step_stamp_load_and_report_none(tmp_path):
+    obj = TwoLosses()
+    obj.save(tmp_path, 5)
+    path = tmp_path / OBJECTIVE_WEIGHTS
+    assert obj.load(tmp_path) == 5
+    save_file(load_file(path), path, metadata={"format": "pt"})  # written by something that does not stamp
+    assert TwoLosses().load(tmp_path) is None
