@@ -81,3 +81,30 @@ def test_adamw_receives_the_groups(base, shapes, tmp_path):
     assert {tuple(g["betas"]) for g in trainer.optimizer.param_groups} == {(0.8, 0.95)}
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
     assert set(seen) == trainable
+
+
+@pytest.mark.parametrize("decay", [1.0, 0.5, 2.0])
+def test_each_group_carries_its_name_depth_and_decayed_rate(shapes, decay):
+    from mmalign.models.layers import depths
+
+    model = tiny(shapes)
+    set_trainable(model, ["encoder", "connector", "llm"])
+    groups = build_optimizer_groups(model, TrainConfig(lr=1e-3, layer_decay=decay))
+    modules = model.param_groups()
+    assert {g["group"] for g in groups} == set(modules)  # every parameter under its own group's name
+    for g in groups:
+        level, top = depths(modules[g["group"]])
+        if decay == 1.0:  # no decay: no split by depth, every group one level
+            assert g["depth"] == 0 and g["lr"] == 1e-3
+        else:
+            assert {level[id(p)] for p in g["params"]} == {g["depth"]}
+            assert g["lr"] == pytest.approx(1e-3 * decay ** (top - g["depth"]))
+    levels = depths(modules["llm"])[1] + 1  # embeddings, each block, then norm and head
+    assert len({g["depth"] for g in groups if g["group"] == "llm"}) == (1 if decay == 1.0 else levels)
+
+
+def test_nothing_to_train_says_what_was_selected(shapes):
+    model = tiny(shapes)
+    model.requires_grad_(False)
+    with pytest.raises(ValueError, match=r"^no trainable parameters \(train.trainable=\['connector'\]\)$"):
+        build_optimizer_groups(model, TrainConfig(trainable=["connector"]))
