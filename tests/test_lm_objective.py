@@ -69,3 +69,33 @@ def test_blank_media_zeroes_some_items_the_same_way_each_run(base, shapes, tmp_p
         torch.testing.assert_close(x, y)
     blank = torch.cat([x.flatten(1).eq(0).all(1) for x in first])
     assert 0 < int(blank.sum()) < len(blank)  # some of the 24 items, not all
+
+
+def test_bad_samples_are_named_logged_five_times_and_stop_the_run_past_the_limit(base, shapes, tmp_path):
+    from mmalign.data.processor import SampleError
+    from mmalign.train.loop import TooManyBadSamples
+
+    obj = LMObjective(recipe(base, shapes, tmp_path / "new" / "folder", data={"max_skip_fraction": 0.1}))
+    out = tmp_path / "new/folder/run"  # not there yet: the first bad sample makes it
+    logged, state = [], {"seen": 0, "skipped": 0}
+
+    def batch(k):  # 8 good samples and 2 bad ones
+        bad = [{"id": f"b{k}{j}", "error": f"sample b{k}{j}: image file not found: x.png"} for j in range(2)]
+        return {"ids": [f"g{k}{j}" for j in range(8)], "errors": bad}
+
+    for k in range(4):  # 40 seen, 20% bad: under 50 seen, no verdict yet
+        obj._account(batch(k), state, logged.append)
+    assert logged == [f"[yellow]skipped[/] sample b{k}{j}: image file not found: x.png" for k in range(3)
+                      for j in range(2)][:5]  # fmt: skip
+    with pytest.raises(TooManyBadSamples) as err:  # the 50th sample seen: 10 of 50 > 10%
+        obj._account(batch(4), state, logged.append)
+    assert str(err.value) == f"10 of 50 samples were bad (> data.max_skip_fraction=0.1); see {out / 'skipped.jsonl'}"
+    assert len((out / "skipped.jsonl").read_text().splitlines()) == 10
+
+    at_limit = {"seen": 45, "skipped": 3}  # 5 of 50 is exactly 10%: not past it
+    obj._account({"ids": ["g"] * 3, "errors": [{"id": "c", "error": "sample c: no text"}] * 2}, at_limit, print)
+
+    obj.cfg.data.on_error = "raise"
+    with pytest.raises(SampleError) as err:
+        obj._account(batch(5), {"seen": 0, "skipped": 0}, print)
+    assert (err.value.sample_id, str(err.value)) == ("b50", "sample b50: image file not found: x.png")
