@@ -15,7 +15,7 @@ from mmalign.interop.hf_llava import export_hf_llava
 from mmalign.models.adapters import inject_adapters, merged_copy, resolve_targets
 from mmalign.models.builder import build_model
 from mmalign.models.layers import parse_selector
-from mmalign.train.checkpoint import load_checkpoint
+from mmalign.train.checkpoint import WEIGHTS, load_checkpoint
 from mmalign.train.freeze import set_trainable
 from mmalign.train.loop import recipe_trainer
 from mmalign.train.optim import build_optimizer_groups
@@ -193,7 +193,7 @@ def test_a_stage_that_freezes_what_the_last_one_tuned_saves_the_tuned_weights(ba
     if source == "weights-only":  # a folder with the weights file alone: no model config to read adapters from
         start = tmp_path / "weights"
         start.mkdir()
-        shutil.copy(tmp_path / "a/run/model.safetensors", start)
+        shutil.copy(tmp_path / "a/run" / WEIGHTS, start)
     second = recipe(base, shapes, tmp_path / "b", max_steps=1, init_from=str(start), trainable=["connector"])
     recipe_trainer(second).fit()
     # The llm's `path` holds the untuned base, so the second checkpoint must carry the llm tuned in the first.

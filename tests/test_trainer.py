@@ -18,7 +18,7 @@ from mmalign.contrastive.data2vec import Data2Vec, Data2VecObjective
 from mmalign.contrastive.train import lit_settings
 from mmalign.errors import CheckpointError
 from mmalign.models.encoders import clip_encoder
-from mmalign.train.trainer import OBJECTIVE_WEIGHTS, SampledObjective, Trainer, batch_generator
+from mmalign.train.trainer import OBJECTIVE_WEIGHTS, TRAINER_STATE, SampledObjective, Trainer, batch_generator
 
 TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=16,
             patch_size=8)  # fmt: skip
@@ -274,7 +274,7 @@ class RunsCodeWhenLoaded:
 
 def test_a_trainer_state_that_would_run_code_is_refused_unrun(tmp_path):
     Trainer(TwoLosses(), settings(tmp_path, max_steps=2)).fit()
-    path = tmp_path / "trainer_state.pt"
+    path = tmp_path / TRAINER_STATE
     saved = torch.load(path, weights_only=True)
     saved["state"]["note"] = RunsCodeWhenLoaded()
     torch.save(saved, path)
