@@ -116,3 +116,43 @@ def test_connector_contract(name):
 def test_unknown_connector_lists_the_known_ones():
     with pytest.raises(KeyError, match="linear"):
         CONNECTORS.build("qformer", in_dim=8, out_dim=8)
+
+
+def test_head_loss_never_runs_a_plain_head_and_runs_any_other_through_its_forward(model):
+    """A plain linear head (its bias included) goes through the chunked loss, so its (N, V) logits never exist; a
+    head of another type (wrapped by PEFT, quantised) through its own forward."""
+    torch.manual_seed(0)
+    dim, vocab = model.lm_head.in_features, model.lm_head.out_features
+    hidden, targets = torch.randn(5, dim), torch.randint(0, vocab, (5,))
+    calls = []
+
+    class Doubled(torch.nn.Linear):
+        def forward(self, x):
+            calls.append(x.shape)
+            return 2 * super().forward(x)
+
+    plain = torch.nn.Linear(dim, vocab)
+    torch.nn.init.normal_(plain.bias, std=3.0)
+    plain.register_forward_hook(lambda *args: calls.append("plain"))
+    model.llm.set_output_embeddings(plain)
+    expected = F.cross_entropy(F.linear(hidden, plain.weight, plain.bias), targets, reduction="sum")
+    torch.testing.assert_close(model.head_loss(hidden, targets), expected)
+    assert calls == []
+    doubled = Doubled(dim, vocab)
+    model.llm.set_output_embeddings(doubled)
+    expected = F.cross_entropy(2 * F.linear(hidden, doubled.weight, doubled.bias), targets, reduction="sum")
+    torch.testing.assert_close(model.head_loss(hidden, targets), expected)
+    assert calls == [hidden.shape]
+
+
+def test_encoders_connectors_and_placeholders_must_name_the_same_modalities(model):
+    from mmalign.models.multimodal import MultimodalLM
+
+    parts = dict(encoders={"image": model.encoders["image"]}, connectors={"image": model.connectors["image"]})
+    with pytest.raises(ValueError) as err:
+        MultimodalLM(**parts, llm=model.llm, media_token_ids={"audio": 5})
+    assert str(err.value) == (
+        "encoders ['image'], connectors ['image'] and placeholder ids ['audio'] must name the same modalities"
+    )
+    with pytest.raises(ValueError, match=r"^encoders \['image'\], connectors \[\] and placeholder ids \['image'\]"):
+        MultimodalLM(encoders=parts["encoders"], connectors={}, llm=model.llm, media_token_ids={"image": 5})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from transformers import AutoTokenizer
 
 from helpers import image_processor
@@ -194,3 +195,68 @@ def test_several_training_files_mix_and_errors_name_the_file(tok, shapes, tmp_pa
     assert ds[n + 1]["error"].startswith(f"{tmp_path / 'extra.json'}: sample broken")
     single = ConversationDataset(str(tmp_path / "extra.json"), shapes["images"], make_processor(tok))
     assert single[1]["error"].startswith("sample broken")  # one file: the message is the sample's alone
+
+
+def test_a_system_turn_is_rendered_but_never_supervised(tok):
+    rec = RECORD | {"conversations": [{"from": "system", "value": "answer briefly"}, *RECORD["conversations"]]}
+    conv = parse_record(rec, 0)
+    ids, labels = make_processor(tok).tokenize(conv)
+    assert tok.convert_ids_to_tokens(ids[:2]) == ["<bos>", "<system>"]
+    assert supervised_words(tok, ids, labels) == ["red", "<eos>", "two", "circles", "<eos>"]
+    plain_tok = AutoTokenizer.from_pretrained(tok.name_or_path)
+    plain_tok.chat_template = tok.chat_template.replace("{% generation %}", "").replace("{% endgeneration %}", "")
+    assert make_processor(plain_tok).tokenize(conv) == (ids, labels)
+
+
+def test_a_template_with_generation_tags_that_refuses_a_conversation_names_the_sample(tok):
+    strict = AutoTokenizer.from_pretrained(tok.name_or_path)
+    strict.chat_template = "{% if messages|length > 2 %}{{ raise_exception('roles must alternate') }}{% endif %}"
+    strict.chat_template += tok.chat_template
+    with pytest.raises(SampleError, match="^sample two-images: the chat template refused the conversation: roles must"):
+        make_processor(strict).tokenize(parse_record(RECORD, 0))
+
+
+def test_processor_for_takes_the_recipe_template_chat_template_and_max_length(shapes):
+    from helpers import tiny_model_config
+    from mmalign.config import DataConfig
+    from mmalign.data.processor import processor_for
+    from mmalign.models.builder import build_model
+
+    model, tok = build_model(tiny_model_config(shapes["tokenizer"]))
+    rec = {"id": "c", "image": "a.png", "conversations": RECORD["conversations"][:2]}
+    conv = parse_record(rec, 0)
+    n_media = model.tokens_per_item("image")
+    ids, labels = processor_for(model, tok, DataConfig(template="plain")).tokenize(conv)
+    assert len(ids) == 1 + n_media + 2 and supervised_words(tok, ids, labels) == ["red", "<eos>"]
+    with pytest.raises(SampleError, match=f"^sample c: {n_media + 3} tokens exceed max_length {n_media + 2}$"):
+        processor_for(model, tok, DataConfig(template="plain", max_length=n_media + 2)).tokenize(conv)
+    prompt = "{% if add_generation_prompt %}"
+    own = tok.chat_template.replace(prompt + "<assistant> ", prompt + "<user> ")
+    assert own != tok.chat_template
+    proc = processor_for(model, tok, DataConfig(chat_template=own))
+    assert tok.chat_template == own and tok.convert_ids_to_tokens(proc.prompt_ids(conv)[-1]) == "<user>"
+
+
+def test_media_paths_without_a_folder_are_read_from_the_working_directory(tok, tmp_path, monkeypatch):
+    from PIL import Image
+
+    Image.new("RGB", (16, 16), "red").save(tmp_path / "a.png")
+    monkeypatch.chdir(tmp_path)
+    rec = {"id": "c", "image": "a.png", "conversations": RECORD["conversations"][:2]}
+    pixels = make_processor(tok).media(parse_record(rec, 0))["image"]
+    assert pixels.shape == (1, 3, 16, 16)
+    assert torch.allclose(pixels[0, 0], torch.ones(16, 16)) and torch.allclose(pixels[0, 1], -torch.ones(16, 16))
+
+
+def test_an_answer_at_the_very_start_of_the_rendered_text_is_its_own_span(tok):
+    """A template without a bos token or a role marker before the answer: the first token opens a span, and an
+    answer that ends the text does not join it."""
+    bare = AutoTokenizer.from_pretrained(tok.name_or_path)
+    bare.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] }}{% endgeneration %}"
+        "{% else %}<user> {{ m['content'] }} {% endif %}{% endfor %}"
+    )
+    turns = [{"from": "gpt", "value": "red"}, {"from": "human", "value": "blue ?"}, {"from": "gpt", "value": "two"}]
+    ids, labels = make_processor(bare).tokenize(parse_record({"id": "g", "conversations": turns}, 0))
+    assert tok.convert_ids_to_tokens(ids) == ["red", "<user>", "blue", "?", "two"]
+    assert labels == [ids[0], IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX, ids[-1]]
