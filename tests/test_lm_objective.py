@@ -99,3 +99,10 @@ def test_bad_samples_are_named_logged_five_times_and_stop_the_run_past_the_limit
     with pytest.raises(SampleError) as err:
         obj._account(batch(5), {"seen": 0, "skipped": 0}, print)
     assert (err.value.sample_id, str(err.value)) == ("b50", "sample b50: image file not found: x.png")
+    streamed = {"id": 7, "error": "shards/00001.jsonl: sample 7: 3 <image> placeholders in the text but 2 image items"}
+    with pytest.raises(SampleError) as err:  # a shard's error: the sample named once, its shard after the problem
+        obj._account({"ids": [], "errors": [streamed]}, {"seen": 0, "skipped": 0}, print)
+    assert (err.value.sample_id, str(err.value)) == (
+        7,
+        "sample 7: 3 <image> placeholders in the text but 2 image items (in shards/00001.jsonl)",
+    )

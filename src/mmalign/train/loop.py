@@ -198,8 +198,9 @@ class LMObjective(Objective):
             self.out.mkdir(parents=True, exist_ok=True)
             with open(self.out / "skipped.jsonl", "a") as fh:
                 fh.write(json.dumps({"id": str(err["id"]), "error": err["error"]}) + "\n")
-            if data.on_error == "raise":
-                raise SampleError(err["id"], err["error"].split(": ", 1)[-1])
+            if data.on_error == "raise":  # the message names the sample once, and its shard (if any) after it
+                source, _, problem = err["error"].partition(f"sample {err['id']}: ")
+                raise SampleError(err["id"], f"{problem} (in {source.removesuffix(': ')})" if source else problem)
             if state["skipped"] <= 5:
                 log(f"[yellow]skipped[/] {err['error']}")
         fraction = state["skipped"] / max(state["seen"], 1)
