@@ -106,3 +106,19 @@ def test_bad_samples_are_named_logged_five_times_and_stop_the_run_past_the_limit
         7,
         "sample 7: 3 <image> placeholders in the text but 2 image items (in shards/00001.jsonl)",
     )
+
+
+def test_the_training_set_mixes_its_files_by_fraction_drawn_with_the_run_seed(base, shapes, tmp_path):
+    from mmalign.data.processor import read_records
+
+    files = [shapes["conversations"], shapes["captions"]]
+    conversations, captions = read_records(files[0]), read_records(files[1])
+
+    def records(seed):
+        data = {"train": files, "train_fractions": [1.0, 0.25]}
+        return LMObjective(recipe(base, shapes, tmp_path / str(seed), seed=seed, data=data)).train_ds.records
+
+    first, second = records(3), records(4)
+    assert len(first) == len(conversations) + len(captions) // 4
+    assert first[: len(conversations)] == conversations and all(r in captions for r in first[len(conversations) :])
+    assert first[len(conversations) :] != second[len(conversations) :]  # another seed draws another quarter

@@ -54,6 +54,10 @@ def test_a_packed_run_takes_the_same_steps_as_an_unpacked_one(base, shapes, tmp_
     train(plain)
     train(packed)
     torch.testing.assert_close(losses(tmp_path / "packed/run"), losses(tmp_path / "plain/run"), rtol=2e-4, atol=2e-4)
+    objective = LMObjective(packed)  # and it packs: four samples that fit in 1024 tokens share one row
+    items = [objective.train_ds[i] for i in range(4)]
+    assert sum(len(it["input_ids"]) for it in items) <= 1024
+    assert objective.train_collate(items)["input_ids"].shape[0] == 1
 
 
 def mixed_records(shapes, out) -> str:
