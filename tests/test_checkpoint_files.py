@@ -77,3 +77,20 @@ def test_load_weights_takes_a_tied_weight_under_either_name_and_names_what_is_mi
     missing = tmp_path / "elsewhere"
     with pytest.raises(FileNotFoundError, match=re.escape(f"{missing}: no such weights file; is {tmp_path} a")):
         load_weights(TiedPair(), missing)
+
+
+def test_reloadable_groups_are_the_parts_with_a_path_of_their_own(shapes):
+    from helpers import tiny_model_config
+    from mmalign.config import EncoderConfig
+    from mmalign.train.checkpoint import reloadable_groups
+
+    cfg = tiny_model_config(shapes["tokenizer"])
+    assert reloadable_groups(cfg) == set()  # everything built from a config: the checkpoint holds it all
+    cfg.media["image"].encoder.path, cfg.llm.path = "towers/clip", "lm"
+    assert reloadable_groups(cfg) == {"encoder.image", "llm"}
+    cfg.media["image"].extra_encoders = [EncoderConfig(name="siglip")]  # one fused tower without a path
+    assert reloadable_groups(cfg) == {"llm"}
+    cfg.family = "onellm"  # one universal encoder, reloadable only when it has a path
+    assert reloadable_groups(cfg) == {"llm"}
+    cfg.onellm.encoder.path = "towers/clip"
+    assert reloadable_groups(cfg) == {"encoder", "llm"}

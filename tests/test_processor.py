@@ -260,3 +260,83 @@ def test_an_answer_at_the_very_start_of_the_rendered_text_is_its_own_span(tok):
     ids, labels = make_processor(bare).tokenize(parse_record({"id": "g", "conversations": turns}, 0))
     assert tok.convert_ids_to_tokens(ids) == ["red", "<user>", "blue", "?", "two"]
     assert labels == [ids[0], IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX, ids[-1]]
+
+
+def test_a_processor_reads_chat_by_default_and_refuses_an_unknown_or_impossible_template(tok):
+    from mmalign.data.processor import Processor
+
+    turns = [{"from": "human", "value": "what color is the shape ?"}, {"from": "gpt", "value": "red"}]
+    conv = parse_record({"id": "t", "conversations": turns}, 0)
+    assert Processor(tok, media=[]).tokenize(conv) == make_processor(tok, max_length=2048).tokenize(conv)
+    with pytest.raises(ValueError) as err:
+        Processor(tok, media=[], template="chatml")
+    assert str(err.value) == "template must be chat or plain, got 'chatml'"
+    bare = AutoTokenizer.from_pretrained(tok.name_or_path)
+    bare.chat_template = None
+    with pytest.raises(ValueError) as err:
+        Processor(bare, media=[])
+    assert str(err.value) == "template=chat but the tokenizer has no chat_template"
+    ids, _ = Processor(bare, media=[], template="plain").tokenize(conv)  # plain needs no template
+    assert tok.convert_ids_to_tokens(ids) == ["<bos>", "red", "<eos>"]
+
+
+def test_max_length_is_the_longest_sample_kept_2048_by_default(tok):
+    from mmalign.data.processor import Processor
+
+    def conv(words):
+        turns = [{"from": "human", "value": "red " * words}, {"from": "gpt", "value": "red"}]
+        return parse_record({"id": f"w{words}", "conversations": turns}, 0)
+
+    overhead = len(Processor(tok, media=[]).tokenize(conv(1))[0]) - 1
+    exact = conv(2048 - overhead)
+    assert len(Processor(tok, media=[]).tokenize(exact)[0]) == 2048  # exactly the limit: kept
+    with pytest.raises(SampleError, match=f"^sample w{2049 - overhead}: 2049 tokens exceed max_length 2048$"):
+        Processor(tok, media=[]).tokenize(conv(2049 - overhead))
+    with pytest.raises(SampleError, match=f"^sample w{2048 - overhead}: 2048 tokens exceed max_length 2047$"):
+        Processor(tok, media=[], max_length=2047).tokenize(exact)
+
+
+def test_conversations_that_cannot_train_name_the_sample(tok):
+    from mmalign.data.processor import Conversation, MediaSpec, Processor
+
+    def refusal(proc, messages, media=None):
+        with pytest.raises(SampleError) as err:
+            proc.tokenize(Conversation(id="q", media=media or {}, messages=messages))
+        return str(err.value)
+
+    proc = make_processor(tok)
+    assert refusal(proc, []) == "sample q: empty conversation"
+    system_last = [{"role": "user", "content": "hi"}, {"role": "system", "content": "be brief"}]
+    assert refusal(proc, system_last) == "sample q: ends with a system turn that has no gpt answer"
+    user_last = [{"role": "user", "content": "hi"}]
+    assert refusal(proc, user_last) == "sample q: ends with a human turn that has no gpt answer"
+    answer = [*user_last, {"role": "assistant", "content": "red"}]
+    assert refusal(proc, answer, {"video": ["v.mp4"], "audio": ["a.wav"]}) == (
+        "sample q: has audio, video but this model reads only image"
+    )
+    second = MediaSpec(modality="video", placeholder="<video>", token_id=5, tokens_per_item=2, encoder=None)
+    two = Processor(tok, media=[*proc.specs.values(), second])
+    assert refusal(two, answer, {"audio": ["a.wav"]}) == "sample q: has audio but this model reads only image, video"
+    silent = AutoTokenizer.from_pretrained(tok.name_or_path)  # renders an answer as its text alone, no end token
+    silent.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'user' %}<user> {% endif %}{{ m['content'] }} {% endfor %}"
+    )
+    empty_answer = [*user_last, {"role": "assistant", "content": ""}]
+    assert refusal(make_processor(silent), empty_answer) == "sample q: no supervised tokens"
+
+
+def test_a_mixed_training_set_needs_one_fraction_per_file_and_draws_each_share_by_the_seed(tok, shapes):
+    from mmalign.data.dataset import ConversationDataset
+
+    files = [shapes["conversations"], shapes["captions"]]
+    with pytest.raises(ValueError) as err:
+        ConversationDataset(files, shapes["images"], make_processor(tok), fractions=[0.5])
+    assert str(err.value) == "1 data fractions for 2 training files: give one per file"
+
+    def quarters(seed, files):
+        return ConversationDataset(files, shapes["images"], make_processor(tok), [0.25] * len(files), seed).records
+
+    first = quarters(3, [shapes["captions"]])
+    assert first == quarters(3, [shapes["captions"]])  # a resumed run trains on the same set
+    twice = quarters(3, [shapes["captions"]] * 2)  # each file draws its own share
+    assert len(twice) == 2 * len(first) and twice[: len(first)] != twice[len(first) :]

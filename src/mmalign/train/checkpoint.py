@@ -30,19 +30,18 @@ def _path_fields(cfg: ModelConfig) -> list[tuple[object, str]]:
     return [(enc, "path") for enc in encoders] + [(cfg.onellm.encoder, "path"), (cfg.llm, "path")]
 
 
-def resolved_model_config(cfg: ModelConfig, folder: str | Path | None = None) -> ModelConfig:
+def resolved_model_config(cfg: ModelConfig, folder: str | Path) -> ModelConfig:
     """A copy with absolute paths, so the checkpoint loads from any working directory; paths inside `folder` (the
     checkpoint's own parts, e.g. an imported LLM) are kept relative to it, so the folder can be moved whole."""
     from copy import deepcopy
 
     out = deepcopy(cfg)
-    home = Path(folder).resolve() if folder is not None else None
+    home = Path(folder).resolve()
     for owner, attr in _path_fields(out):
         path = getattr(owner, attr)
         if path:
             path = Path(path).resolve()
-            inside = home is not None and path.is_relative_to(home)
-            setattr(owner, attr, str(path.relative_to(home)) if inside else str(path))
+            setattr(owner, attr, str(path.relative_to(home)) if path.is_relative_to(home) else str(path))
     out.llm.tokenizer = None  # the checkpoint carries its own tokenizer/
     return out
 
