@@ -312,3 +312,21 @@ def test_objective_weights_without_a_step_stamp_load_and_report_none(tmp_path):
     assert obj.load(tmp_path) == 5
     save_file(load_file(path), path, metadata={"format": "pt"})  # written by something that does not stamp
     assert TwoLosses().load(tmp_path) is None
+
+
+def test_sync_tree_flushes_every_file_and_folder_of_a_save(tmp_path, monkeypatch):
+    """A save is committed only after everything staged is on disk: each file, each folder's entries, the root."""
+    import os
+
+    from mmalign.train import trainer
+
+    (tmp_path / "tokenizer").mkdir()
+    for name in ("model.safetensors", "tokenizer/vocab.json", "tokenizer/config.json"):
+        (tmp_path / name).write_text("x")
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(trainer.os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")) or None)
+    trainer.sync_tree(tmp_path)
+    monkeypatch.setattr(trainer.os, "fsync", real_fsync)
+    expected = ["model.safetensors", "tokenizer", "tokenizer/config.json", "tokenizer/vocab.json"]
+    assert synced == [str(tmp_path / name) for name in expected] + [str(tmp_path)]
