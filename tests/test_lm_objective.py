@@ -99,13 +99,16 @@ def test_bad_samples_are_named_logged_five_times_and_stop_the_run_past_the_limit
     with pytest.raises(SampleError) as err:
         obj._account(batch(5), {"seen": 0, "skipped": 0}, print)
     assert (err.value.sample_id, str(err.value)) == ("b50", "sample b50: image file not found: x.png")
-    streamed = {"id": 7, "error": "shards/00001.jsonl: sample 7: 3 <image> placeholders in the text but 2 image items"}
-    with pytest.raises(SampleError) as err:  # a shard's error: the sample named once, its shard after the problem
-        obj._account({"ids": [], "errors": [streamed]}, {"seen": 0, "skipped": 0}, print)
-    assert (err.value.sample_id, str(err.value)) == (
-        7,
-        "sample 7: 3 <image> placeholders in the text but 2 image items (in shards/00001.jsonl)",
-    )
+    from mmalign.data.dataset import ConversationDataset
+
+    turns = [{"from": "human", "value": "<image>\nwhat ?"}, {"from": "gpt", "value": "red"}]
+    bad = {"id": 7, "image": ["a.png", "b.png"], "conversations": turns}
+    item = ConversationDataset.from_records([bad], None, obj.train_ds.processor, source="shards/00001.jsonl")[0]
+    problem = "1 <image> placeholders in the text but 2 image items"
+    assert item == {"id": 7, "error": f"shards/00001.jsonl: sample 7: {problem}"}
+    with pytest.raises(SampleError) as err:  # raised, the sample is named once and its file after the problem
+        obj._account({"ids": [], "errors": [item]}, {"seen": 0, "skipped": 0}, print)
+    assert (err.value.sample_id, str(err.value)) == (7, f"sample 7: {problem} (in shards/00001.jsonl)")
 
 
 def test_the_training_set_mixes_its_files_by_fraction_drawn_with_the_run_seed(base, shapes, tmp_path):

@@ -36,6 +36,13 @@ RECORD = {
 }
 
 
+def without_generation_tags(tok):
+    """The same tokenizer with its template's {% generation %} tags taken out: the turn-by-turn path."""
+    plain = AutoTokenizer.from_pretrained(tok.name_or_path)
+    plain.chat_template = tok.chat_template.replace("{% generation %}", "").replace("{% endgeneration %}", "")
+    return plain
+
+
 def supervised_words(tok, ids, labels):
     return [tok.convert_ids_to_tokens(t) for t, y in zip(ids, labels, strict=True) if y != IGNORE_INDEX]
 
@@ -54,8 +61,7 @@ def test_labels_cover_exactly_the_assistant_turns(tok):
 
 def test_prefix_fallback_gives_the_same_labels_as_generation_tags(tok):
     """A template without {% generation %} tags goes through the turn-by-turn path; labels must agree."""
-    plain_tok = AutoTokenizer.from_pretrained(tok.name_or_path)
-    plain_tok.chat_template = tok.chat_template.replace("{% generation %}", "").replace("{% endgeneration %}", "")
+    plain_tok = without_generation_tags(tok)
     conv = parse_record(RECORD, 0)
     assert make_processor(plain_tok).tokenize(conv) == make_processor(tok).tokenize(conv)
 
@@ -203,8 +209,7 @@ def test_a_system_turn_is_rendered_but_never_supervised(tok):
     ids, labels = make_processor(tok).tokenize(conv)
     assert tok.convert_ids_to_tokens(ids[:2]) == ["<bos>", "<system>"]
     assert supervised_words(tok, ids, labels) == ["red", "<eos>", "two", "circles", "<eos>"]
-    plain_tok = AutoTokenizer.from_pretrained(tok.name_or_path)
-    plain_tok.chat_template = tok.chat_template.replace("{% generation %}", "").replace("{% endgeneration %}", "")
+    plain_tok = without_generation_tags(tok)
     assert make_processor(plain_tok).tokenize(conv) == (ids, labels)
 
 
